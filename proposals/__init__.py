@@ -1,0 +1,1 @@
+"""Region proposals: Selective Search, MultiBox, and the GoogLeNet recipe that merges them."""

@@ -1,0 +1,30 @@
+"""Write the package's ILSVRC DET vocabulary file from the devkit's meta_det.mat.
+
+    python tools/make_ilsvrc_vocab.py ../shared/data/ilsvrc2014_devkit/data/meta_det.mat
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from detector.cli import run_tool
+from detector.vocab import read_meta_det
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "detector" / "resources" / "ilsvrc_det200.tsv"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("meta", help="the devkit's data/meta_det.mat")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output TSV (default: %(default)s)")
+    args = parser.parse_args(argv)
+    vocab = read_meta_det(args.meta)
+    lines = ["id\twnid\tname"] + [f"{i}\t{w}\t{n}" for i, w, n in zip(vocab.ids, vocab.wnids, vocab.names)]
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {len(vocab)} classes to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_tool(main))
