@@ -1,0 +1,87 @@
+"""Post-processing: from per-region class scores and class-specific boxes to detections.
+
+R-CNN (Girshick et al. 2014, section 2.2) scores every region for every class, then runs greedy
+non-maximum suppression independently per class. Here, in order:
+
+1. a score threshold per (region, class) pair (background is never a detection);
+2. boxes clipped to the image, and pairs whose box has no area dropped;
+3. per-class NMS with :func:`torchvision.ops.batched_nms`: a box is suppressed by a higher-scoring
+   box of the same class with IoU in ``(nms_iou, 1]`` (R-CNN used 0.3);
+4. the ``max_detections`` highest-scoring survivors across classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torchvision.ops import batched_nms
+
+from detector.boxes import clip_boxes
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """score_threshold: keep (region, class) pairs with probability in ``[score_threshold, 1]``.
+    nms_iou: suppress same-class boxes whose IoU with a kept, higher-scoring box is in ``(nms_iou, 1]``.
+    max_detections: at most this many detections per image (all classes together), >= 1.
+    """
+
+    score_threshold: float = 0.05
+    nms_iou: float = 0.3
+    max_detections: int = 100
+
+    def __post_init__(self):
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not 0.0 <= self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in [0, 1], got {self.nms_iou}")
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {self.max_detections}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PostprocessConfig:
+        return cls(**data)
+
+
+class Kept(NamedTuple):
+    """Survivors of post-processing, highest score first.
+
+    boxes: float32 ``(K, 4)`` xyxy, pixels, clipped to the image.
+    scores: float32 ``(K,)`` class probabilities.
+    labels: int64 ``(K,)`` in ``1..C``.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+
+def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size: tuple[int, int],
+                config: PostprocessConfig = PostprocessConfig()) -> Kept:
+    """Threshold, clip, per-class NMS and top-k.
+
+    class_probs: float ``(N, C + 1)`` probabilities per region, column 0 = background.
+    class_boxes: float ``(N, 4 C)`` (or ``(N, C, 4)``) xyxy boxes per region and class, pixels;
+        ``(N, 4)`` means one box per region shared by all classes.
+    image_size: ``(h, w)`` of the image the boxes are in.
+    """
+    num_regions, num_outputs = class_probs.shape
+    num_classes = num_outputs - 1
+    boxes = class_boxes.reshape(num_regions, -1, 4).float()
+    if boxes.shape[1] == 1:
+        boxes = boxes.expand(num_regions, num_classes, 4)
+    if boxes.shape[1] != num_classes:
+        raise ValueError(f"{boxes.shape[1]} boxes per region for {num_classes} classes")
+    scores = class_probs[:, 1:].float()
+    region, cls = torch.nonzero(scores >= config.score_threshold, as_tuple=True)
+    cand_scores = scores[region, cls]
+    cand_boxes = clip_boxes(boxes[region, cls], image_size)
+    has_area = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
+    cand_boxes, cand_scores, cand_labels = cand_boxes[has_area], cand_scores[has_area], cls[has_area] + 1
+    keep = batched_nms(cand_boxes, cand_scores, cand_labels, config.nms_iou)[:config.max_detections]
+    return Kept(cand_boxes[keep], cand_scores[keep], cand_labels[keep])

@@ -1,0 +1,83 @@
+"""The region classifier: config round trip, output shapes at small sizes, backbone weight loading."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from torchvision.models import googlenet
+
+from detector.classifier import ClassifierConfig, RegionClassifier, load_backbone_weights
+from detector.errors import UserError
+
+
+def test_config_round_trip_and_defaults():
+    config = ClassifierConfig(num_classes=12, input_size=112)
+    assert config.context == 8  # R-CNN's 16 px at 224 scaled to 112
+    assert ClassifierConfig(num_classes=3).context == 16
+    again = ClassifierConfig.from_dict(config.to_dict())
+    assert again == config
+    with pytest.raises(ValueError, match="unknown"):
+        ClassifierConfig.from_dict(config.to_dict() | {"colour": "red"})
+    with pytest.raises(ValueError):
+        ClassifierConfig(num_classes=3, input_size=112, context=56)  # 2p must stay below S
+    with pytest.raises(ValueError):
+        ClassifierConfig(num_classes=0)
+
+
+@pytest.mark.parametrize("size", [96, 112, 160])
+def test_outputs_at_small_sizes(size):
+    torch.manual_seed(0)
+    model = RegionClassifier(ClassifierConfig(num_classes=3, input_size=size))
+    crops = torch.randn(2, 3, size, size)
+    model.train()
+    out = model(crops)
+    assert out.class_logits.shape == (2, 4) and out.box_deltas.shape == (2, 12)
+    assert len(out.aux_logits) == 2 and all(a.shape == (2, 4) for a in out.aux_logits)
+    model.eval()
+    with torch.inference_mode():
+        out = model(crops)
+    assert out.aux_logits == ()
+    assert out.class_logits.shape == (2, 4) and torch.isfinite(out.box_deltas).all()
+
+
+def test_without_aux_and_after_drop_aux():
+    model = RegionClassifier(ClassifierConfig(num_classes=2, input_size=96, aux_logits=False)).train()
+    assert model(torch.randn(2, 3, 96, 96)).aux_logits == ()
+    model = RegionClassifier(ClassifierConfig(num_classes=2, input_size=96)).drop_aux().train()
+    assert model(torch.randn(2, 3, 96, 96)).aux_logits == ()
+    assert not any(k.startswith("trunk.aux") for k in model.state_dict())
+
+
+def test_load_backbone_weights_from_torchvision_state_dict(tmp_path):
+    torch.manual_seed(1)
+    imagenet = googlenet(weights=None, aux_logits=True, init_weights=True)  # stands in for the real file
+    path = tmp_path / "googlenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = RegionClassifier(ClassifierConfig(num_classes=5, input_size=96, transform_input=True))
+    head_before = model.cls_score.weight.clone()
+    loaded = load_backbone_weights(model, path)
+    assert loaded > 100
+    assert torch.equal(model.trunk.conv1.conv.weight, imagenet.conv1.conv.weight)
+    assert torch.equal(model.trunk.inception5b.branch4[1].bn.running_var, imagenet.inception5b.branch4[1].bn.running_var)
+    assert torch.equal(model.cls_score.weight, head_before)  # the 1000-way fc is not used
+    assert model.trunk.aux1.fc2.out_features == 6  # C + 1, not 1000
+
+
+def test_backbone_weights_refusals(tmp_path, monkeypatch):
+    model = RegionClassifier(ClassifierConfig(num_classes=2, input_size=96))
+    with pytest.raises(UserError, match="no such file"):
+        load_backbone_weights(model, tmp_path / "absent.pth")
+    # torchvision's named weights would need a download: one clear line, no attempt
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    with pytest.raises(UserError, match="never downloads"):
+        load_backbone_weights(model, "imagenet")
+    # a pickle holding an arbitrary object is refused by weights_only=True, never executed
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"conv1": os.getcwd}))  # a global the unpickler would call up
+    with pytest.raises(UserError, match="cannot read"):
+        load_backbone_weights(model, evil)
+    other = tmp_path / "resnet.pth"
+    torch.save({"layer1.0.conv1.weight": torch.zeros(3)}, other)
+    with pytest.raises(UserError, match="do not fit"):
+        load_backbone_weights(model, other)
