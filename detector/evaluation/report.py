@@ -1,0 +1,101 @@
+"""Presenting an :class:`EvalResult`: a table for people, JSON for machines, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from detector.evaluation.result import EvalResult
+from detector.evaluation.submission import write_atomic
+
+
+def format_table(result: EvalResult, max_rows: int | None = None) -> str:
+    """Per-class rows ``id  name  positives  AP`` (class id order) and the mean.
+
+    max_rows: show at most this many rows (the first and last halves), ``None`` for all.
+    """
+    ids = sorted(result.ap)
+    width = max([len("name")] + [len(result.class_names.get(c, "")) for c in ids])
+    lines = [f"{result.protocol} evaluation: {result.variant}",
+             f"{'id':>5}  {'name':<{width}}  {'positives':>9}  {'AP':>8}"]
+    shown = ids
+    if max_rows is not None and len(ids) > max_rows:
+        half = max(max_rows // 2, 1)
+        shown = ids[:half] + [None] + ids[-half:]
+    for cid in shown:
+        if cid is None:
+            lines.append(f"{'...':>5}  ({len(ids) - 2 * half} classes)")
+            continue
+        lines.append(f"{cid:>5}  {result.class_names.get(cid, ''):<{width}}  {result.positives.get(cid, 0):>9}  "
+                     f"{result.ap[cid]:8.6f}")
+    lines.append(f"{'':>5}  {'mean AP':<{width}}  {sum(result.positives.values()):>9}  {result.mAP:8.6f}")
+    lines.append(f"{'':>5}  {'median AP':<{width}}  {'':>9}  {result.median_ap:8.6f}")
+    lines.append(f"{len(ids)} classes with positives, {result.num_images} images, "
+                 f"{result.num_predictions} predictions")
+    stats = result.extra.get("stats")
+    if stats:
+        lines.append("COCO: " + "  ".join(f"{k}={v:.3f}" for k, v in stats.items()))
+    return "\n".join(lines)
+
+
+def save_json(result: EvalResult, path: str | Path) -> None:
+    """Write ``result.to_dict()`` to ``path`` atomically."""
+    write_atomic(path, lambda f: json.dump(result.to_dict(), f, indent=2))
+
+
+def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -> list[Path]:
+    """PNG plots in ``out_dir``: ``pr_curves.png`` (the ``num_curves`` worst and best classes' precision/recall)
+    and ``ap_per_class.png`` (every class's AP, sorted, with the mean). Returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    ranked = sorted(result.ap, key=lambda c: (result.ap[c], c))
+    if ranked and result.curves:
+        n = min(num_curves, len(ranked))
+        picks = [("worst", ranked[:n]), ("best", ranked[::-1][:n])]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), squeeze=False)
+        for ax, (title, classes) in zip(axes[0], picks):
+            for cid in classes:
+                curve = result.curves.get(cid)
+                if curve is None:
+                    continue
+                recall, precision = curve
+                ax.plot(np.r_[0.0, recall], np.r_[precision[0] if len(precision) else 0.0, precision],
+                        label=f"{result.class_names.get(cid, cid)} ({result.ap[cid]:.3f})")
+            ax.set(title=f"{n} {title} classes", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+        fig.suptitle(f"{result.protocol}: precision/recall, mAP {result.mAP:.4f}")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "pr_curves.png", plt))
+    if ranked:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(ranked) + 3), 4.5))
+        ax.bar(np.arange(len(ranked)), [result.ap[c] for c in ranked], width=0.9, color="tab:blue")
+        ax.axhline(result.mAP, color="tab:red", lw=1, label=f"mean AP {result.mAP:.4f}")
+        if len(ranked) <= 40:
+            ax.set_xticks(np.arange(len(ranked)), [str(result.class_names.get(c, c)) for c in ranked],
+                          rotation=90, fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_xlabel(f"{len(ranked)} classes, sorted by AP")
+        ax.set(ylabel="AP", ylim=(0, 1), xlim=(-0.6, len(ranked) - 0.4), title=f"{result.protocol}: AP per class")
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "ap_per_class.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
