@@ -1,12 +1,13 @@
 """Colour spaces and region descriptors for Selective Search (Uijlings et al., IJCV 2013, sec. 3.2).
 
-Each colour space turns the RGB working image into ``uint8`` channels on a 0..255 scale: the image
-that is segmented and whose colours and textures are described.
+Each colour space turns the RGB working image into ``uint8`` channels on a 0..255 scale (as the
+authors' ``Image2ColourSpace.m`` does): the image that is segmented and whose colours and textures
+are described.
 
 - ``hsv``: hue, saturation, value (hue spread over 0..255).
 - ``lab``: CIE L*a*b* (L scaled to 0..255, a and b offset by 128), OpenCV's 8-bit convention.
 - ``rgi``: normalized red ``R/(R+G+B)``, normalized green, and intensity ``(R+G+B)/3``.
-- ``h``: the hue channel alone. ``i``: the intensity channel alone.
+- ``h``: the hue channel alone. ``i``: intensity (luminance ``0.299 R + 0.587 G + 0.114 B``) alone.
 
 Per pixel, :func:`pixel_features` precomputes which bin of each histogram the pixel falls in, once
 per colour space; :func:`region_histograms` then builds every region's descriptor in one pass
@@ -40,10 +41,10 @@ def convert(rgb: np.ndarray, space: str) -> np.ndarray:
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)
     if space == "h":
         return np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)[:, :, :1])
+    if space == "i":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[:, :, None]
     total = rgb.astype(np.uint16).sum(axis=2)
     intensity = ((total + 1) // 3).astype(np.uint8)
-    if space == "i":
-        return intensity[:, :, None]
     if space == "rgi":
         denom = np.maximum(total, 1).astype(np.float32)
         r = rgb[:, :, 0] * (255.0 / denom)
@@ -65,6 +66,55 @@ def _gaussian_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray]:
     return g.astype(np.float32), dg.astype(np.float32)
 
 
+def gaussian_derivatives(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> tuple[np.ndarray, np.ndarray]:
+    """``(Ix, Iy)``: float32 ``(H, W)`` Gaussian derivatives (scale ``sigma``) of a 0..255 channel."""
+    g, dg = _gaussian_kernels(sigma)
+    img = channel.astype(np.float32)
+    ix = cv2.sepFilter2D(img, cv2.CV_32F, dg, g, borderType=cv2.BORDER_REPLICATE)
+    iy = cv2.sepFilter2D(img, cv2.CV_32F, g, dg, borderType=cv2.BORDER_REPLICATE)
+    return ix, iy
+
+
+@njit(cache=True)
+def _steered(ix, iy, o):
+    """Response in orientation ``o`` (angle ``o * 45`` degrees), clipped at zero."""
+    d = math.sqrt(0.5)
+    q = o % 4
+    if q == 0:
+        r = ix
+    elif q == 1:
+        r = (ix + iy) * d
+    elif q == 2:
+        r = iy
+    else:
+        r = (iy - ix) * d
+    if o >= 4:
+        r = -r
+    return r if r > 0.0 else 0.0
+
+
+@njit(cache=True)
+def _texture_bins(ix, iy, feats, column, first_dim):
+    """Write each pixel's texture bin (10 bins over ``[0, max]`` of each orientation's response)
+    for the 8 orientations of one channel into ``feats[:, column:column + 8]``."""
+    n = ix.shape[0]
+    top = np.zeros(8, np.float32)
+    for p in range(n):
+        for o in range(8):
+            r = _steered(ix[p], iy[p], o)
+            if r > top[o]:
+                top[o] = r
+    scale = np.empty(8, np.float32)
+    for o in range(8):
+        scale[o] = TEXTURE_BINS / top[o] if top[o] > 0 else 0.0
+    for p in range(n):
+        for o in range(8):
+            b = int(_steered(ix[p], iy[p], o) * scale[o])
+            if b > TEXTURE_BINS - 1:
+                b = TEXTURE_BINS - 1
+            feats[p, column + o] = first_dim + o * TEXTURE_BINS + b
+
+
 def oriented_gradients(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> np.ndarray:
     """Gaussian derivative responses in 8 orientations (0, 45, ..., 315 degrees).
 
@@ -72,13 +122,10 @@ def oriented_gradients(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> np.
     response steered to angle ``o * 45`` degrees, ``cos(a) Ix + sin(a) Iy``, clipped at zero
     (orientation ``o + 4`` is the opposite sign of orientation ``o``).
     """
-    g, dg = _gaussian_kernels(sigma)
-    img = channel.astype(np.float32)
-    ix = cv2.sepFilter2D(img, cv2.CV_32F, dg, g, borderType=cv2.BORDER_REPLICATE)
-    iy = cv2.sepFilter2D(img, cv2.CV_32F, g, dg, borderType=cv2.BORDER_REPLICATE)
+    ix, iy = gaussian_derivatives(channel, sigma)
     diag = np.float32(math.sqrt(0.5))
     steered = (ix, (ix + iy) * diag, iy, (iy - ix) * diag)
-    out = np.empty((ORIENTATIONS,) + img.shape, np.float32)
+    out = np.empty((ORIENTATIONS,) + ix.shape, np.float32)
     for o, r in enumerate(steered):
         np.maximum(r, 0, out=out[o])
         np.maximum(-r, 0, out=out[o + 4])
@@ -90,8 +137,9 @@ def pixel_features(image: np.ndarray) -> np.ndarray:
 
     image: ``uint8 (H, W, C)`` in one colour space. Returns ``uint16 (H*W, 9*C)``: per pixel the
     index, in the region descriptor of length ``25 C + 80 C`` (colour then texture), of the
-    colour bin of each channel and of the texture bin of each (channel, orientation). Texture
-    responses are binned over ``[0, max]`` of that (channel, orientation) in the image.
+    colour bin of each channel and of the texture bin of each (channel, orientation) (see
+    :func:`oriented_gradients`). Texture responses are binned over ``[0, max]`` of that
+    (channel, orientation) in the image.
     """
     h, w, c = image.shape
     feats = np.empty((h * w, c + ORIENTATIONS * c), np.uint16)
@@ -100,13 +148,9 @@ def pixel_features(image: np.ndarray) -> np.ndarray:
         feats[:, ch] += ch * COLOUR_BINS
     base = COLOUR_BINS * c
     for ch in range(c):
-        grads = oriented_gradients(image[:, :, ch]).reshape(ORIENTATIONS, -1)
-        top = grads.max(axis=1, keepdims=True)
-        top[top <= 0] = 1.0
-        bins = np.minimum((grads * (TEXTURE_BINS / top)).astype(np.int32), TEXTURE_BINS - 1)
-        for o in range(ORIENTATIONS):
-            dim = ch * ORIENTATIONS + o
-            feats[:, c + dim] = bins[o] + (base + dim * TEXTURE_BINS)
+        ix, iy = gaussian_derivatives(image[:, :, ch])
+        _texture_bins(ix.reshape(-1), iy.reshape(-1), feats, c + ch * ORIENTATIONS,
+                      base + ch * ORIENTATIONS * TEXTURE_BINS)
     return feats
 
 

@@ -4,13 +4,18 @@ Methods:
 - ``"ss-fast"``, ``"ss-quality"``, ``"ss-single"``: Selective Search in that mode
   (:func:`proposals.selective_search.selective_search`; options: ``backend``, ``max_side``,
   ``superpixel_scale``, ``min_size``, ``seed``, ``sigma``).
+- ``"multibox"``: the top MultiBox boxes (:mod:`proposals.multibox`; options: ``model`` a checkpoint
+  path, default the shipped model; ``top_k`` (200); ``nms_iou`` (0.7); ``device``).
+- ``"googlenet"``: Selective Search fast with ``superpixel_scale=2`` then the top 200 MultiBox boxes,
+  near-duplicates removed (:mod:`proposals.merge`; options: the fields of
+  :class:`proposals.merge.GoogLeNetRecipe` and further Selective Search options).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("ss-fast", "ss-quality", "ss-single")
+METHODS = ("ss-fast", "ss-quality", "ss-single", "multibox", "googlenet")
 
 
 def propose(image: np.ndarray, method: str = "ss-fast", **options) -> np.ndarray:
@@ -22,4 +27,19 @@ def propose(image: np.ndarray, method: str = "ss-fast", **options) -> np.ndarray
         from proposals.selective_search import selective_search
 
         return selective_search(image, mode=method[3:], **options)
+    if method == "multibox":
+        from proposals.multibox import cached_multibox
+
+        model = options.pop("model", None)
+        device = options.pop("device", "cpu")
+        net = cached_multibox(None if model is None else str(model), str(device))
+        return net.propose([image], **options)[0][0]
+    if method == "googlenet":
+        from dataclasses import fields
+
+        from proposals.merge import GoogLeNetRecipe, googlenet_proposals
+
+        names = {f.name for f in fields(GoogLeNetRecipe)}
+        recipe = GoogLeNetRecipe(**{k: options.pop(k) for k in list(options) if k in names})
+        return googlenet_proposals(image, recipe, **options)
     raise ValueError(f"unknown proposal method {method!r}; use one of {', '.join(METHODS)}")

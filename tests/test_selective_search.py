@@ -111,10 +111,11 @@ def test_rank_boxes_orders_by_position_times_uniform_and_drops_duplicates():
     a = np.array([[0, 0, 4, 4], [5, 5, 9, 9], [0, 0, 9, 9]], np.int32)
     b = np.array([[5, 5, 9, 9], [0, 0, 2, 2], [0, 0, 9, 9]], np.int32)
     boxes, ranks = rank_boxes([a, b], seed=3)
-    # The same draws by hand: positions 3, 2, 1 per strategy times 1 - U[0, 1).
+    # The same draws by hand: 2 initial regions (position 2 each) and one merge (position 1) per
+    # strategy, times 1 - U[0, 1).
     rng = np.random.default_rng(3)
-    ra = np.array([3, 2, 1]) * (1 - rng.random(3))
-    rb = np.array([3, 2, 1]) * (1 - rng.random(3))
+    ra = np.array([2, 2, 1]) * (1 - rng.random(3))
+    rb = np.array([2, 2, 1]) * (1 - rng.random(3))
     best = {}
     for box, r in list(zip(map(tuple, a), ra)) + list(zip(map(tuple, b), rb)):
         best[box] = min(best.get(box, np.inf), r)
@@ -155,6 +156,13 @@ def test_modes_and_superpixel_scale_change_the_count(photo):
     coarse = selective_search(photo, "fast", max_side=160, superpixel_scale=2)
     assert len(single) < len(fast)
     assert len(coarse) < 0.8 * len(fast)  # larger superpixels, fewer regions, fewer boxes
+
+
+def test_max_boxes_keeps_the_best_ranked(photo):
+    every = search(photo, "fast", max_side=160, max_boxes=None)
+    top = search(photo, "fast", max_side=160, max_boxes=100)
+    assert len(every.boxes) > 100 and len(top.boxes) == 100
+    np.testing.assert_array_equal(top.boxes, every.boxes[:100])
 
 
 def test_min_size_drops_small_boxes(photo):
