@@ -1,0 +1,242 @@
+"""R-CNN fine-tuning batches: images, their proposals and ground truth -> warped, labelled regions.
+
+:class:`RegionBatchSource` turns a :class:`detector.data.Dataset` and per-image proposals into the
+mini-batches of :mod:`detector.training.sampler`, as a pure function of the iteration (see
+:mod:`detector.training.engine`): the images of iteration ``i`` are positions ``i * B * W + r * B ..`` of
+an endless sequence of epochs, each a permutation seeded by ``(seed, epoch)``, where ``B`` is
+``images_per_batch``, ``W`` the number of processes and ``r`` this process's rank; every other random
+choice (flip, which regions) is seeded by ``(seed, iteration, rank)``.
+
+Regions are warped exactly as the detector warps them (:func:`detector.warp.warp_regions`: context
+padding, and an antialiasing pyramid for regions larger than the input), from the original image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.box_coder import BoxCoder
+from detector.boxes import valid_box_mask
+from detector.data.records import Dataset, ImageRecord
+from detector.io import ImageError, load_image, read_image_size
+from detector.training.sampler import (
+    SamplerConfig,
+    flip_boxes,
+    label_regions,
+    regression_mask,
+    sample_regions,
+)
+from detector.warp import IMAGENET_MEAN, IMAGENET_STD, default_context, warp_regions
+
+log = logging.getLogger(__name__)
+
+ProposalFn = Callable[[ImageRecord, np.ndarray], np.ndarray]
+"""``(record, image) -> float32 (N, 4)`` xyxy proposals in the original image's pixels, best first."""
+
+
+@dataclass(frozen=True)
+class RegionDataConfig:
+    """input_size: side of the warped crops ``S``. context: pixels of context per side at ``S`` (None:
+    R-CNN's 16 at 224, scaled). max_proposals: the first (best) proposals of each image that are used.
+    min_proposal_size: proposals narrower or lower than this many pixels are dropped. seed: the data
+    order's and augmentation's seed. cache_images: keep decoded images in memory. mean, std,
+    sampling_ratio, antialias: the network's input normalization and the warp's settings
+    (:func:`detector.warp.warp_regions`); take them from the classifier's config."""
+
+    input_size: int = 224
+    context: int | None = None
+    max_proposals: int = 2000
+    min_proposal_size: float = 2.0
+    seed: int = 0
+    cache_images: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    sampling_ratio: int = 1
+    antialias: bool = True
+
+    @classmethod
+    def for_classifier(cls, classifier, **options) -> RegionDataConfig:
+        """The warp settings of a :class:`detector.classifier.ClassifierConfig`, plus ``options``."""
+        return cls(input_size=classifier.input_size, context=classifier.context, mean=classifier.mean,
+                   std=classifier.std, sampling_ratio=classifier.sampling_ratio, antialias=classifier.antialias,
+                   **options)
+
+    @property
+    def warp_context(self) -> int:
+        return default_context(self.input_size) if self.context is None else self.context
+
+
+@dataclass
+class ImageCheck:
+    """The outcome of :func:`check_images`: usable records and the refused images with their reasons."""
+
+    records: list[ImageRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def report(self) -> str:
+        if not self.skipped:
+            return f"{len(self.records)} images, none skipped"
+        lines = [f"{len(self.records)} images usable, {len(self.skipped)} skipped:"]
+        lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def check_images(dataset: Dataset, decode: bool = False, progress: bool = False) -> ImageCheck:
+    """Refuse the images that cannot be read: header only, or a full decode when ``decode``.
+
+    Never silent: the caller reports :meth:`ImageCheck.report` (count and list).
+    """
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for rec in tqdm(dataset.records, desc="checking images", disable=not progress, unit="img"):
+        path = dataset.image_path(rec)
+        try:
+            if decode:
+                load_image(path)
+            else:
+                read_image_size(path)
+            good.append(rec)
+        except ImageError as err:
+            bad.append((str(path), str(err)))
+    return ImageCheck(good, bad)
+
+
+class RegionBatchSource:
+    """Mini-batches of warped, labelled regions, a pure function of the iteration.
+
+    ``batch(iteration)`` returns a dict:
+
+    - ``crops``: float32 (R, 3, S, S), normalized;
+    - ``labels``: int64 (R,), ``0..C`` (0 = background);
+    - ``box_targets``: float32 (R, 4), weighted deltas (``box_coder``) of the matched ground truth,
+      zero where ``regress`` is False;
+    - ``regress``: bool (R,), the regions box regression learns from.
+    """
+
+    def __init__(self, dataset: Dataset, proposals: ProposalFn, sampler: SamplerConfig = SamplerConfig(),
+                 config: RegionDataConfig = RegionDataConfig(), box_coder: BoxCoder | None = None,
+                 rank: int = 0, world_size: int = 1):
+        if len(dataset) == 0:
+            raise ValueError("RegionBatchSource: the dataset has no images")
+        self.dataset = dataset
+        self.proposals = proposals
+        self.sampler = sampler
+        self.config = config
+        self.box_coder = box_coder or BoxCoder()
+        self.rank, self.world_size = rank, world_size
+        self._images: dict[int, np.ndarray] = {}
+        self._boxes: dict[int, np.ndarray] = {}
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def regions_per_batch(self) -> int:
+        return self.sampler.regions_per_image * self.sampler.images_per_batch
+
+    def image_indices(self, iteration: int) -> list[int]:
+        """Dataset indices of this process's images for ``iteration``."""
+        n, per = len(self.dataset), self.sampler.images_per_batch
+        first = iteration * per * self.world_size + self.rank * per
+        out = []
+        for g in range(first, first + per):
+            epoch, pos = divmod(g, n)
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+                self._perms = {epoch: perm}  # one epoch at a time is all a run needs
+            out.append(int(perm[pos]))
+        return out
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image (uint8 (H, W, 3)) and its proposals (float32 (N, 4) xyxy pixels, at most
+        ``max_proposals``, without the small ones)."""
+        image = self._images.get(index)
+        if image is None:
+            rec = self.dataset.records[index]
+            image = load_image(self.dataset.image_path(rec))
+            if self.config.cache_images:
+                self._images[index] = image
+        if index not in self._boxes:
+            boxes = np.asarray(self.proposals(self.dataset.records[index], image), np.float32).reshape(-1, 4)
+            self._boxes[index] = boxes[valid_box_mask(boxes, self.config.min_proposal_size)][
+                : self.config.max_proposals]
+        return image, self._boxes[index]
+
+    def image_regions(self, index: int, rng: np.random.Generator, num_regions: int, num_fg: int) -> dict:
+        rec = self.dataset.records[index]
+        image, proposals = self.load(index)
+        gt = rec.gt_boxes
+        if self.sampler.flip and rng.random() < 0.5:
+            width = image.shape[1]
+            image = np.ascontiguousarray(image[:, ::-1])
+            proposals, gt = flip_boxes(proposals, width), flip_boxes(gt, width)
+        ignore = rec.iscrowd | rec.difficult
+        regions = label_regions(proposals, gt, rec.gt_labels, self.sampler, ignore_gt=ignore)
+        keep = sample_regions(regions, num_regions, num_fg, rng)
+        regions = regions.subset(keep)
+        regress = regression_mask(regions, self.sampler)
+        targets = np.zeros((len(regions), 4), np.float32)
+        if regress.any():
+            targets[regress] = self.box_coder.encode(regions.matched_gt[regress], regions.boxes[regress])
+        crops = warp_regions(image, regions.boxes, output_size=self.config.input_size,
+                             context=self.config.warp_context, mean=self.config.mean, std=self.config.std,
+                             sampling_ratio=self.config.sampling_ratio,
+                             antialias=self.config.antialias)
+        return {"crops": crops, "labels": torch.from_numpy(regions.labels),
+                "box_targets": torch.from_numpy(targets), "regress": torch.from_numpy(regress)}
+
+    def batch(self, iteration: int) -> dict:
+        rng = np.random.default_rng([self.config.seed, iteration, self.rank])
+        parts = [self.image_regions(i, rng, self.sampler.regions_per_image, self.sampler.fg_per_image)
+                 for i in self.image_indices(iteration)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def cached_proposals(fn: ProposalFn, cache_dir: str | Path | None = None, options: dict | None = None) -> ProposalFn:
+    """Wrap a proposal function so that each image's proposals are computed once (in memory, and in
+    ``cache_dir/<image_id>.npy`` when given).
+
+    options: what produced the proposals (method, settings); kept in ``cache_dir/options.json``, and a
+    cache made with other options is refused rather than silently reused.
+    """
+    import json
+
+    from detector.errors import UserError
+
+    memory: dict = {}
+    folder = Path(cache_dir) if cache_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = folder / "options.json"
+        wanted = json.loads(json.dumps(options or {}))
+        if meta.exists():
+            found = json.loads(meta.read_text(encoding="utf-8"))
+            if found != wanted:
+                raise UserError(f"proposal cache '{folder}' was made with {found}, not {wanted}; pass another "
+                                "--proposal-cache folder or delete this one")
+        else:
+            meta.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
+
+    def wrapped(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
+        key = str(rec.image_id)
+        if key in memory:
+            return memory[key]
+        path = folder / f"{key}.npy" if folder is not None else None
+        if path is not None and path.exists():
+            boxes = np.load(path)
+        else:
+            boxes = np.asarray(fn(rec, image), np.float32).reshape(-1, 4)
+            if path is not None:
+                tmp = path.with_name(path.stem + ".tmp.npy")
+                np.save(tmp, boxes)
+                tmp.replace(path)
+        memory[key] = boxes
+        return boxes
+
+    return wrapped

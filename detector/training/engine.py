@@ -1,0 +1,446 @@
+"""A generic training loop: SGD with warm-up and decay, DDP under torchrun, AMP, exact resume.
+
+The loop knows nothing about detection. It takes
+
+- ``model``: an ``nn.Module``;
+- ``source``: a :class:`BatchSource`, whose ``batch(iteration)`` returns the batch of this process for
+  that iteration as a pure function of the iteration (its randomness seeded from it). The iteration is
+  therefore the whole "sampler position", and a resumed run reads the same batches as an uninterrupted
+  one, with any number of data-loading workers;
+- ``loss_fn(model, batch) -> (loss, parts)``: the scalar loss to minimize and a dict of python floats
+  to log.
+
+It writes into ``out_dir`` (rank 0 only):
+
+- ``last.safetensors`` + ``last.json``: the model (:func:`detector.checkpoint.save_checkpoint`), every
+  ``checkpoint_every`` iterations and at the end; ``iter_NNNNNN.*`` snapshots too when ``keep_snapshots``;
+- ``best.safetensors`` + ``best.json``: the model with the best evaluation metric so far;
+- ``last.state.pt``: everything a resume needs (model, optimizer, iteration, random states, the
+  configuration it must match), written with ``torch.save`` and read with ``weights_only=True``;
+- ``metrics.jsonl``: one JSON object per logged iteration or evaluation; ``curves.png``: the loss and
+  the evaluation metric against the iteration.
+
+Every file is written to a temporary name and moved into place, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from detector.errors import UserError
+from detector.training.distributed import DistContext, all_reduce_mean, barrier, broadcast_object
+from detector.training.schedule import ScheduleConfig, learning_rate
+
+STATE_FORMAT = "googlenet-detection/train-state"
+STATE_VERSION = 1
+
+
+class BatchSource(Protocol):
+    """Batches as a pure function of the iteration (for this process's rank)."""
+
+    def batch(self, iteration: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to train (the model, data and loss come separately).
+
+    out_dir: where checkpoints, metrics and plots go.
+    schedule: the learning-rate schedule, whose ``iterations`` is the length of the run.
+    momentum, weight_decay: SGD's (GoogLeNet and R-CNN: 0.9 and 5e-4).
+    checkpoint_every: iterations between checkpoints (0: only at the end).
+    keep_snapshots: also keep each periodic checkpoint's model as ``iter_NNNNNN``.
+    eval_every: iterations between evaluations (0: only at the end, when an evaluator is given).
+    metric: the evaluation result that picks the best checkpoint (higher is better).
+    log_every: iterations between lines of ``metrics.jsonl``.
+    amp: ``"auto"`` (bf16 on a GPU that supports it, none on the CPU), ``"none"``, ``"bf16"`` or ``"fp16"``.
+    grad_clip: clip the gradient norm to this value (0: no clipping).
+    num_workers: data-loading processes (0: load in the training process).
+    seed: seeds python, numpy and torch before the first iteration.
+    progress: show a progress bar (rank 0).
+    """
+
+    out_dir: str
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    checkpoint_every: int = 500
+    keep_snapshots: bool = False
+    eval_every: int = 0
+    metric: str = "mAP"
+    log_every: int = 20
+    amp: str = "auto"
+    grad_clip: float = 0.0
+    num_workers: int = 0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
+        if self.checkpoint_every < 0 or self.eval_every < 0 or self.log_every < 1:
+            raise ValueError("checkpoint_every and eval_every must be >= 0, log_every >= 1")
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    best_metric: float | None
+    best_iteration: int | None
+    seconds: float
+    out_dir: Path
+
+
+# ----------------------------------------------------------------------------------------------------
+# random states and atomic files
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict:
+    """python, numpy and torch (CPU and CUDA) random states, as types ``torch.load(weights_only=True)`` reads."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_train_state(path: str | Path) -> dict:
+    """Read a ``*.state.pt`` resume file (or the ``last.state.pt`` of a run directory) without unpickling code."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.state.pt"
+    if not path.is_file():
+        raise UserError(f"cannot resume: '{path}' does not exist; pass a run directory or its last.state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
+        raise UserError(f"cannot resume from '{path}': not a readable training state ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); pass a last.state.pt written by "
+                        "this tool") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"cannot resume from '{path}': not a training state of this project; pass a "
+                        "last.state.pt written by tools/train_*.py")
+    return state
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '<absent>')!r} in the file, {current.get(k, '<absent>')!r} now"
+            for k in keys if saved.get(k) != current.get(k)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    if amp == "none":
+        return contextlib.nullcontext(), False
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("amp 'fp16' needs a GPU; use --amp bf16 or none on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), amp == "fp16"
+
+
+def to_device(batch, device: torch.device):
+    """Move every tensor inside dicts, lists and tuples to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class _IterationDataset(torch.utils.data.Dataset):
+    def __init__(self, source: BatchSource, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        return self.source.batch(self.start + index)
+
+
+def _batches(source: BatchSource, start: int, stop: int, num_workers: int):
+    if num_workers <= 0:
+        for it in range(start, stop):
+            yield source.batch(it)
+        return
+    loader = torch.utils.data.DataLoader(_IterationDataset(source, start, stop), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, prefetch_factor=2, persistent_workers=False,
+                                         # a private generator: the global torch stream stays untouched
+                                         generator=torch.Generator().manual_seed(start))
+    yield from loader
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object a line, appended and flushed as training goes."""
+
+    def __init__(self, path: Path, resume_from: int | None):
+        self.path = path
+        if resume_from is not None and path.exists():
+            # drop what the interrupted run logged after the checkpoint it resumes from
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_from]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: Path, metric: str) -> None:
+    """PNG of the training loss and the evaluation metric against the iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if metric in r.get("eval", {})]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], color="tab:blue", lw=1, label="loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax.set_yscale("log")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["iteration"] for r in evals], [r["eval"][metric] for r in evals], "o-", color="tab:red",
+                 label=f"validation {metric}")
+        ax2.set_ylabel(f"validation {metric}", color="tab:red")
+        ax2.set_ylim(0, 1)
+    ax.set_title("training curves")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]],
+          config: EngineConfig, ctx: DistContext = DistContext(), *, model_config: dict | None = None,
+          resume_key: dict | None = None, evaluate: Callable[[nn.Module], dict] | None = None,
+          resume: str | Path | None = None, items_per_batch: int | None = None,
+          report: Callable[[str], None] = print) -> TrainResult:
+    """Train ``model`` for ``config.schedule.iterations`` iterations; see the module docstring.
+
+    model_config: the JSON config saved beside the weights (what rebuilds the model).
+    resume_key: settings a resumed run must share with the run it resumes (model config, data, sampler,
+        schedule...); a mismatch is a :class:`UserError` naming the differences.
+    evaluate: ``evaluate(model) -> dict of floats`` on held-out data, run on rank 0 in eval mode.
+    resume: a run directory or a ``last.state.pt`` to continue from.
+    items_per_batch: items (regions, images) per batch and process, for the speed shown.
+    """
+    from detector.checkpoint import save_checkpoint
+
+    out_dir = Path(config.out_dir)
+    device = ctx.device
+    total = config.schedule.iterations
+    model_config = dict(model_config or {})
+    resume_key = json.loads(json.dumps(resume_key or {}))  # normalized as stored: tuples -> lists
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+
+    seed_everything(config.seed)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(config.schedule, 0),
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    start, best_metric, best_iteration = 0, None, None
+    autocast, use_scaler = _autocast(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+
+    if resume is not None:
+        state = load_train_state(resume)
+        diffs = _differences(state.get("resume_key", {}), resume_key)
+        if diffs:
+            raise UserError(f"cannot resume from '{resume}': it was written with a different configuration ("
+                            + "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+                            + "); resume with the same settings or start a new run")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        best_metric, best_iteration = state.get("best_metric"), state.get("best_iteration")
+        restore_rng_state(state["rng"])
+        if start > total:
+            raise UserError(f"cannot resume from '{resume}': it is at iteration {start}, past the {total} "
+                            "iterations asked for; raise --iterations")
+        report(f"resumed from iteration {start} of {total}")
+
+    train_model = model
+    if ctx.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = MetricsLog(out_dir / "metrics.jsonl", start if resume is not None else None) if ctx.is_main else None
+
+    def save(iteration: int, snapshot: bool) -> None:
+        if not ctx.is_main:
+            return
+        cfg = {**model_config, "training": {"iteration": iteration, "iterations": total}}
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_checkpoint(out_dir / "last.safetensors", weights, cfg)
+        if snapshot:
+            save_checkpoint(out_dir / f"iter_{iteration:06d}.safetensors", weights, cfg)
+        atomic_torch_save({
+            "format": STATE_FORMAT, "version": STATE_VERSION, "iteration": iteration,
+            "model": weights, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "schedule": asdict(config.schedule), "resume_key": resume_key, "rng": capture_rng_state(),
+            "best_metric": best_metric, "best_iteration": best_iteration,
+        }, out_dir / "last.state.pt")
+
+    def run_eval(iteration: int) -> None:
+        nonlocal best_metric, best_iteration
+        if ctx.is_main:
+            rng = capture_rng_state()  # evaluation must not shift the training's random streams
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                results = dict(evaluate(model))
+            model.train(was_training)
+            restore_rng_state(rng)
+            value = results.get(config.metric)
+            improved = value is not None and not math.isnan(value) and (best_metric is None or value > best_metric)
+            if improved:
+                best_metric, best_iteration = float(value), iteration
+                cfg = {**model_config, "training": {"iteration": iteration, "iterations": total,
+                                                    f"val_{config.metric}": best_metric}}
+                save_checkpoint(out_dir / "best.safetensors",
+                                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, cfg)
+            log.write({"iteration": iteration, "eval": results, "best": improved})
+            report(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                                                        if isinstance(v, (int, float)))
+                   + (" (best)" if improved else ""))
+            plot_curves(log.read(), out_dir / "curves.png", config.metric)
+        best = broadcast_object((best_metric, best_iteration), ctx)
+        best_metric, best_iteration = best
+        barrier(ctx)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and config.progress), dynamic_ncols=True,
+               desc="train", unit="it")
+    t0 = time.perf_counter()
+    window_t = t0
+    window: list[dict] = []
+    model.train()
+    try:
+        for iteration, batch in enumerate(_batches(source, start, total, config.num_workers), start=start):
+            lr = learning_rate(config.schedule, iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = to_device(batch, device)
+            with autocast:
+                loss, parts = loss_fn(train_model, batch)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the loss is {float(loss.detach())} at iteration {iteration}; lower the learning rate "
+                                   "or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            window.append({"loss": float(loss.detach()), **parts})
+            done = iteration + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == total:
+                now = time.perf_counter()
+                means = {k: float(np.nanmean([w[k] for w in window])) if any(not math.isnan(w[k]) for w in window)
+                         else float("nan") for k in window[0]}
+                means = all_reduce_mean(means, ctx)
+                speed = len(window) / max(now - window_t, 1e-9)
+                record = {"iteration": done, "lr": lr, **means, "it_per_s": speed}
+                if items_per_batch:
+                    record["items_per_s"] = speed * items_per_batch * ctx.world_size
+                record["elapsed_s"] = now - t0
+                if log is not None:
+                    log.write(record)
+                postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{lr:.2g}"}
+                if items_per_batch:
+                    postfix["items/s"] = f"{record['items_per_s']:.0f}"
+                bar.set_postfix(postfix)
+                window, window_t = [], now
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
+                save(done, config.keep_snapshots)
+            if evaluate is not None and config.eval_every and done % config.eval_every == 0 and done < total:
+                run_eval(done)
+    finally:
+        bar.close()
+    if start < total or resume is None:
+        save(total, config.keep_snapshots)
+    if evaluate is not None:
+        run_eval(total)
+    if ctx.is_main:
+        plot_curves(log.read(), out_dir / "curves.png", config.metric)
+    barrier(ctx)
+    return TrainResult(total, best_metric, best_iteration, time.perf_counter() - t0, out_dir)
