@@ -1,0 +1,156 @@
+"""Batch precomputation (proposals/precompute.py, tools/precompute_proposals.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from proposals import ProposalStore
+from proposals.precompute import PrecomputeConfig, list_file, list_images, parse_shard, precompute
+from proposals.store import part_files
+from tools.precompute_proposals import main as tool_main
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = (("max_side", 96),)  # small working size: quick, same code path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, shared_data):
+    """Ten real photos (copied from coco128 at 160 px) and two broken files."""
+    folder = tmp_path_factory.mktemp("images")
+    sources = sorted((shared_data / "coco128" / "images").glob("*.jpg"))[:10]
+    for i, src in enumerate(sources):
+        img = Image.open(src).convert("RGB")
+        img.thumbnail((160, 160))
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        img.save(sub / src.name, quality=90)
+    data = sources[0].read_bytes()
+    (folder / "b" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "b" / "notes.png").write_text("not an image")
+    return folder
+
+
+def run(images, out, **kw):
+    config = PrecomputeConfig(options=OPTIONS, chunk_size=kw.pop("chunk_size", 3), **kw)
+    return precompute(list_images(images), out, config, progress=False)
+
+
+def only_part(store_dir):
+    files = part_files(store_dir)
+    assert len(files) == 1 and files[0].name.startswith("part-")
+    return files[0]
+
+
+def test_listing_folder_and_list_file(images, tmp_path):
+    entries = list_images(images)
+    assert len(entries) == 12 and entries[0].name.startswith("a/")
+    assert [e.name for e in entries] == sorted(e.name for e in entries)
+    # An ILSVRC-style list: "<name without extension> <id>", resolved against an image root.
+    stem = entries[0].name[:-4]
+    (tmp_path / "list.txt").write_text(f"{stem} 1\n\n# comment\n{entries[1].name} 2\n")
+    listed = list_file(tmp_path / "list.txt", image_root=images)
+    assert [e.name for e in listed] == [stem, entries[1].name]
+    report = precompute(listed, tmp_path / "store", PrecomputeConfig(options=OPTIONS), progress=False)
+    assert report.done == 2 and not report.failures
+    assert stem + ".jpg" in ProposalStore(tmp_path / "store")
+
+
+def test_one_run_records_failures_and_goes_on(images, tmp_path):
+    report = run(images, tmp_path / "s")
+    assert report.complete and report.done == 12
+    assert set(report.failures) == {"b/truncated.jpg", "b/notes.png"}
+    assert "not an image" in report.failures["b/notes.png"] or "Pillow" in report.failures["b/notes.png"]
+    store = ProposalStore(tmp_path / "s")
+    assert len(store) == 10 and set(store.failures) == set(report.failures)
+    only_part(tmp_path / "s")
+    # The stored boxes are the proposals of the image, to within the storage step.
+    from detector.io import load_image
+    from proposals import propose
+
+    name = store.names()[3]
+    expect = propose(load_image(images / name), "ss-fast", max_side=96)
+    got, scores = store[name]
+    assert scores is None and got.shape == expect.shape
+    assert np.abs(got - expect).max() <= 160 / 65535
+
+
+def test_tool_exit_codes_and_strict(images, tmp_path, capsys):
+    out = str(tmp_path / "t")
+    assert tool_main([str(images), "--out", out, "--max-side", "96", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 failed" in printed and "failed: b/truncated.jpg" in printed
+    # Rerun: nothing to do, the failures are listed again; --strict turns them into exit 1.
+    assert tool_main([str(images), "--out", out, "--max-side", "96", "--no-progress", "--strict"]) == 1
+    assert "12 already done" in capsys.readouterr().out
+
+
+def test_shards_merged_equal_one_run(images, tmp_path):
+    run(images, tmp_path / "whole")
+    for k in range(3):
+        report = run(images, tmp_path / f"shard{k}", shard=(k, 3))
+        assert report.complete
+    assert tool_main(["--merge", *(str(tmp_path / f"shard{k}") for k in range(3)), "--out", str(tmp_path / "m")]) == 0
+    whole, merged = only_part(tmp_path / "whole"), only_part(tmp_path / "m")
+    assert whole.name == merged.name and whole.read_bytes() == merged.read_bytes()
+
+
+def test_two_workers_equal_one(images, tmp_path):
+    run(images, tmp_path / "one")
+    run(images, tmp_path / "two", workers=2)
+    assert only_part(tmp_path / "one").read_bytes() == only_part(tmp_path / "two").read_bytes()
+
+
+def command(images, out, *extra):
+    return [sys.executable, str(ROOT / "tools" / "precompute_proposals.py"), str(images), "--out", str(out),
+            "--max-side", "96", "--chunk-size", "1", "--no-progress", *extra]
+
+
+def test_resume_after_kill_equals_uninterrupted(images, tmp_path):
+    run(images, tmp_path / "ref", chunk_size=1)
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # kill -9 as soon as the first one-image chunk is on disk, while the other images are in flight.
+    proc = subprocess.Popen(command(images, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.is_dir() and any(out.glob("chunk-*.pstore"))):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = ProposalStore(out)
+    assert 1 <= len(partial) + len(partial.failures) < 12, "the run finished before it was killed"
+    subprocess.run(command(images, out), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert only_part(out).read_bytes() == only_part(tmp_path / "ref").read_bytes()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_two_runs_on_one_store_do_not_corrupt_it(images, tmp_path):
+    run(images, tmp_path / "ref", chunk_size=1)
+    out = tmp_path / "shared"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen(command(images, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    store, ref = ProposalStore(out), ProposalStore(tmp_path / "ref")
+    assert store.names() == ref.names() and store.failures == ref.failures
+    for name in ref:
+        np.testing.assert_array_equal(store[name][0], ref[name][0])
+
+
+def test_parse_shard_from_flag_or_torchrun_environment():
+    assert parse_shard("2/5") == (2, 5)
+    assert parse_shard(None, {"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+    assert parse_shard(None, {}) == (0, 1)
+    from detector.errors import UserError
+
+    for bad in ("5/5", "a/b", "1"):
+        with pytest.raises(UserError):
+            parse_shard(bad)
