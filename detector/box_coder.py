@@ -86,7 +86,7 @@ class BoxCoder:
         p, _ = _as_tensor(proposals)
         d = d.float()
         num = d.shape[0]
-        d = d.reshape(num, -1, 4)
+        d = d.reshape(num, d.shape[-1] // 4, 4)
         p = p.to(d.device).float().reshape(-1, 1, 4)
         pw = p[..., 2] - p[..., 0]
         ph = p[..., 3] - p[..., 1]
@@ -101,7 +101,7 @@ class BoxCoder:
         cy = py + dy * ph
         half_w = 0.5 * pw * torch.exp(dw)
         half_h = 0.5 * ph * torch.exp(dh)
-        boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1).reshape(num, -1)
+        boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1).reshape(num, d.shape[1] * 4)
         return boxes.numpy() if d_np else boxes
 
 
@@ -116,7 +116,7 @@ def select_class_deltas(deltas, labels):
     lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
     lab = lab.to(d.device).long().reshape(-1)
     num = d.shape[0]
-    per_class = d.reshape(num, -1, 4)
+    per_class = d.reshape(num, d.shape[-1] // 4, 4)
     if lab.numel() and (lab.min() < 0 or lab.max() > per_class.shape[1]):
         raise ValueError(f"labels must be in 0..{per_class.shape[1]}, got {int(lab.min())}..{int(lab.max())}")
     picked = per_class[torch.arange(num, device=d.device), (lab - 1).clamp(min=0)]

@@ -72,7 +72,9 @@ def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size
     """
     num_regions, num_outputs = class_probs.shape
     num_classes = num_outputs - 1
-    boxes = class_boxes.reshape(num_regions, -1, 4).float()
+    boxes = class_boxes.float()
+    if boxes.ndim == 2:
+        boxes = boxes.reshape(num_regions, boxes.shape[1] // 4, 4)
     if boxes.shape[1] == 1:
         boxes = boxes.expand(num_regions, num_classes, 4)
     if boxes.shape[1] != num_classes:

@@ -131,27 +131,41 @@ def _roi_align_padded(padded: torch.Tensor, regions: torch.Tensor, output_size: 
                      sampling_ratio=sampling_ratio, aligned=True)
 
 
-def warp_padded(padded: torch.Tensor, boxes, output_size: int = 224, context: int = 16,
-                sampling_ratio: int = 1, antialias: bool = True) -> torch.Tensor:
-    """Warp boxes of an image normalized by ``normalize_image(..., border=1)``.
+def pyramid_for(padded: torch.Tensor, boxes, output_size: int, context: int,
+                antialias: bool = True) -> list[torch.Tensor]:
+    """The pyramid levels (see :func:`build_pyramid`) that warping ``boxes`` will read.
 
-    padded: float ``(3, H + 2, W + 2)``: the normalized image (mean 0) inside a one-pixel zero border.
-    boxes: float ``(N, 4)`` xyxy, pixels of the image (without the border).
-    Returns: float32 ``(N, 3, S, S)`` on ``padded``'s device, in the order of ``boxes``.
+    Build it once per image and warp the boxes in batches with :func:`warp_pyramid`.
+    padded: float ``(3, H + 2, W + 2)`` from ``normalize_image(..., border=1)``.
+    boxes: float ``(N, 4)`` xyxy, pixels of the image.
     """
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(padded.device)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if not antialias or boxes.shape[0] == 0:
+        return [padded]
+    level_of = pyramid_levels(dilate_boxes(boxes, output_size, context), output_size, num_levels=16)
+    return build_pyramid(padded, int(level_of.max()) + 1)
+
+
+def warp_pyramid(pyramid: list[torch.Tensor], boxes, output_size: int = 224, context: int = 16,
+                 sampling_ratio: int = 1) -> torch.Tensor:
+    """Warp boxes from a pyramid of a normalized image (see :func:`pyramid_for`).
+
+    pyramid: level 0 is the normalized image (mean 0) inside a one-pixel zero border, float
+        ``(3, H + 2, W + 2)``; further levels as :func:`build_pyramid` makes them. A one-level pyramid
+        samples every box from the full-resolution image (no antialiasing).
+    boxes: float ``(N, 4)`` xyxy, pixels of the image (without the border).
+    Returns: float32 ``(N, 3, S, S)`` on the pyramid's device, in the order of ``boxes``.
+    """
+    device = pyramid[0].device
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device)
     if boxes.shape[0] == 0:
-        return padded.new_zeros((0, 3, output_size, output_size))
+        return pyramid[0].new_zeros((0, 3, output_size, output_size))
     regions = dilate_boxes(boxes, output_size, context)
-    if not antialias:
-        return _roi_align_padded(padded, regions, output_size, sampling_ratio)
-    level_of = pyramid_levels(regions, output_size, num_levels=16)
-    pyramid = build_pyramid(padded, int(level_of.max()) + 1)
-    level_of = level_of.clamp(max=len(pyramid) - 1)
+    level_of = pyramid_levels(regions, output_size, num_levels=len(pyramid))
     used = torch.unique(level_of).tolist()
     if len(used) == 1:
         return _roi_align_padded(pyramid[used[0]], regions / 2 ** used[0], output_size, sampling_ratio)
-    out = padded.new_empty((boxes.shape[0], 3, output_size, output_size))
+    out = pyramid[0].new_empty((boxes.shape[0], 3, output_size, output_size))
     for level in used:
         idx = torch.nonzero(level_of == level).squeeze(1)
         crops = _roi_align_padded(pyramid[level], regions[idx] / 2 ** level, output_size, sampling_ratio)
@@ -178,4 +192,5 @@ def warp_regions(image, boxes, output_size: int = 224, context: int = 16, mean=I
         raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
     context_scale(output_size, context)  # validates context before any work
     padded = normalize_image(image, mean, std, device, border=1)
-    return warp_padded(padded, boxes, output_size, context, sampling_ratio, antialias)
+    pyramid = pyramid_for(padded, boxes, output_size, context, antialias)
+    return warp_pyramid(pyramid, boxes, output_size, context, sampling_ratio)

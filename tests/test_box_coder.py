@@ -80,3 +80,10 @@ def test_select_class_deltas():
 def test_bad_weights_refused():
     with pytest.raises(ValueError):
         BoxCoder(weights=(10, 10, 5, 0))
+
+
+def test_no_boxes():
+    coder = BoxCoder()
+    assert coder.decode(np.zeros((0, 12), np.float32), np.zeros((0, 4), np.float32)).shape == (0, 12)
+    assert coder.encode(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32)).shape == (0, 4)
+    assert select_class_deltas(np.zeros((0, 12), np.float32), np.zeros((0,), np.int64)).shape == (0, 4)
