@@ -35,6 +35,7 @@ from detector.boxes import xyxy_to_voc
 from detector.data.records import Dataset
 from detector.evaluation.ap import average_precision, mean_of, precision_recall
 from detector.evaluation.detections import flatten_detections, flatten_ground_truth
+from detector.evaluation.ranking import descending_ranks, group_by_small_int, order_by
 from detector.evaluation.result import EvalResult
 
 DEFAULT_IOU_THRESHOLD = 0.5  # objects of at least ~25x25 pixels match at IoU in [0.5, 1]
@@ -101,15 +102,30 @@ def _greedy_rounds(pair_det: np.ndarray, pair_gt: np.ndarray, pair_iou: np.ndarr
     return tp
 
 
+def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``, vectorized."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    nonzero = lengths > 0
+    starts, lengths = starts[nonzero], lengths[nonzero]
+    steps = np.ones(total, dtype=np.int64)
+    heads = np.cumsum(lengths) - lengths
+    steps[0] = starts[0]
+    steps[heads[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    return np.cumsum(steps)
+
+
 def match_detections(gt_rank: np.ndarray, gt_labels: np.ndarray, gt_boxes: np.ndarray,
                      det_rank: np.ndarray, det_labels: np.ndarray, det_scores: np.ndarray, det_boxes: np.ndarray,
-                     num_classes: int) -> np.ndarray:
+                     num_classes: int, score_rank: np.ndarray | None = None) -> np.ndarray:
     """True positives of detections under the ILSVRC matching rule (blacklisted ones already removed).
 
     gt_rank, det_rank: int64 ``(G,)``, ``(D,)``, the image of each object/detection (any integer key).
     gt_labels, det_labels: int64 labels ``1..num_classes``.
     gt_boxes, det_boxes: float64 ``(G, 4)``, ``(D, 4)``, 1-based inclusive.
     det_scores: float64 ``(D,)``; ties keep the detections' given order.
+    score_rank: optional, the stable descending rank of ``det_scores`` (:func:`ranking.descending_ranks`).
     Returns tp bool ``(D,)`` in the given order (the rest are false positives).
     """
     num_det = len(det_scores)
@@ -123,17 +139,22 @@ def match_detections(gt_rank: np.ndarray, gt_labels: np.ndarray, gt_boxes: np.nd
     gt_sorted = gt_boxes[gt_order]
     thr_sorted = object_thresholds(gt_sorted)
     det_key = det_rank * stride + det_labels
-    order = np.lexsort((np.arange(num_det), -det_scores, det_key))  # per group: confidence desc, stable
+    if score_rank is None:
+        score_rank, _ = descending_ranks(det_scores)
+    order = order_by(det_key, score_rank, unique=True)  # per group: confidence descending, ties in given order
     key = det_key[order]
-    lo = np.searchsorted(gt_key_sorted, key, side="left")
-    count = np.searchsorted(gt_key_sorted, key, side="right") - lo
-    has = np.flatnonzero(count)
+    # Each object group (image, class) finds its run of detections in the sorted keys: G searches in D
+    # instead of D searches in G; only detections that share a group with objects get pairs.
+    groups, group_start, group_size = np.unique(gt_key_sorted, return_index=True, return_counts=True)
+    run_lo = np.searchsorted(key, groups, side="left")
+    run_len = np.searchsorted(key, groups, side="right") - run_lo
+    has = _concat_ranges(run_lo, run_len)  # detection positions (in `order`) that have objects
     if has.size == 0:
         return tp
-    count_has = count[has]
+    count_has = np.repeat(group_size, run_len)
+    lo = np.repeat(group_start, run_len)
     pair_det = np.repeat(has, count_has)
-    first_pair = np.cumsum(count_has) - count_has
-    pair_gt = lo[pair_det] + (np.arange(len(pair_det)) - np.repeat(first_pair, count_has))
+    pair_gt = np.repeat(lo, count_has) + _concat_ranges(np.zeros(len(has), np.int64), count_has)
     iou, overlaps = inclusive_iou(det_boxes[order[pair_det]], gt_sorted[pair_gt])
     eligible = overlaps & (iou >= thr_sorted[pair_gt])  # a match needs IoU in [thr, 1]
     tp_sorted = _greedy_rounds(pair_det[eligible], pair_gt[eligible], iou[eligible], key, num_det, len(gt_key))
@@ -143,7 +164,7 @@ def match_detections(gt_rank: np.ndarray, gt_labels: np.ndarray, gt_boxes: np.nd
 
 def _class_aps(labels: np.ndarray, tp: np.ndarray, positives: np.ndarray, num_classes: int, keep_curves: bool):
     """Per-class AP of ranked detections (``labels``, ``tp`` in global rank order)."""
-    by_class = np.argsort(labels, kind="stable")
+    by_class = group_by_small_int(labels)
     labels_sorted, tp_sorted = labels[by_class], tp[by_class]
     bounds = np.searchsorted(labels_sorted, np.arange(1, num_classes + 2))
     aps, curves = {}, {}
@@ -198,18 +219,24 @@ def evaluate_arrays(dataset: Dataset, det_index: np.ndarray, det_labels: np.ndar
     positives = np.bincount(gt.labels[~gt_blacklisted], minlength=stride)
     det_index = np.asarray(det_index, dtype=np.int64)
     det_labels = np.asarray(det_labels, dtype=np.int64)
-    ignored = np.isin(det_index * stride + det_labels, bl_keys)
-    keep = np.flatnonzero(~ignored)
+    d_scores = np.asarray(det_scores, dtype=np.float64)
+    d_boxes = np.asarray(det_boxes, dtype=np.float64)
+    ignored = np.isin(det_index * stride + det_labels, bl_keys) if len(bl_keys) else np.zeros(len(d_scores), bool)
+    num_ignored = int(ignored.sum())
+    if num_ignored:  # blacklisted (image, class): neither true nor false positive
+        keep = np.flatnonzero(~ignored)
+        det_index, det_labels, d_scores, d_boxes = det_index[keep], det_labels[keep], d_scores[keep], d_boxes[keep]
     ranks = _image_ranks(dataset)
-    d_rank, d_labels = ranks[det_index[keep]], det_labels[keep]
-    d_scores = np.asarray(det_scores, dtype=np.float64)[keep]
-    tp = match_detections(ranks[gt.image_index], gt.labels, gt_boxes, d_rank, d_labels, d_scores,
-                          np.asarray(det_boxes, dtype=np.float64)[keep], num_classes)
-    # Global ranking: image id ascending, per-image order, then one stable sort by confidence.
-    ranking = np.lexsort((np.arange(len(keep)), d_rank, -d_scores))
+    d_rank, d_labels = ranks[det_index], det_labels
+    stable, dense = descending_ranks(d_scores)
+    tp = match_detections(ranks[gt.image_index], gt.labels, gt_boxes, d_rank, d_labels, d_scores, d_boxes,
+                          num_classes, score_rank=stable)
+    # Global ranking: image id ascending, per-image order, then one stable sort by confidence, i.e.
+    # by (confidence descending, image rank, given order).
+    ranking = order_by(dense, d_rank)
     aps, curves = _class_aps(d_labels[ranking], tp[ranking], positives, num_classes, keep_curves)
     vocab = dataset.vocab
-    info = {"num_ignored_blacklisted": int(ignored.sum()), "num_blacklisted_pairs": int(len(bl_keys))}
+    info = {"num_ignored_blacklisted": num_ignored, "num_blacklisted_pairs": int(len(bl_keys))}
     info.update(extra or {})
     return EvalResult(
         protocol="ilsvrc",
@@ -219,7 +246,7 @@ def evaluate_arrays(dataset: Dataset, det_index: np.ndarray, det_labels: np.ndar
         positives={vocab.id_of_label(c): int(positives[c]) for c in aps},
         class_names={cid: name for cid, name in zip(vocab.ids, vocab.names)},
         num_images=len(dataset),
-        num_predictions=len(det_scores),
+        num_predictions=len(d_scores) + num_ignored,
         curves={vocab.id_of_label(c): v for c, v in curves.items()},
         extra=info,
     )
@@ -252,17 +279,25 @@ def evaluate_ilsvrc(dataset: Dataset, detections: Mapping | str | Path,
 def evaluate_predictions(dataset: Dataset, preds, blacklist=None, keep_curves: bool = True) -> EvalResult:
     """ILSVRC evaluation of parsed submission lines (:class:`~detector.evaluation.submission.IlsvrcPredictions`)."""
     ids = np.asarray([r.image_id for r in dataset.records], dtype=np.int64)
-    by_id = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids[by_id], preds.image_ids)
-    pos_clipped = np.minimum(pos, max(len(ids) - 1, 0))
-    listed = (pos < len(ids)) & (ids[by_id][pos_clipped] == preds.image_ids) if len(ids) else pos < 0
-    num_dropped = int((~listed).sum())
-    if num_dropped:
-        warnings.warn(f"dropped {num_dropped} predictions on images that are not in the image list", stacklevel=2)
-    keep = np.flatnonzero(listed)
+    pred_ids = preds.image_ids
+    if len(ids) and ids.min() >= 0 and ids.max() < 4 * len(ids) + (1 << 20):
+        # Image ids are small integers (val.txt numbers them): a lookup table instead of a search.
+        table = np.full(int(ids.max()) + 2, -1, dtype=np.int64)  # the last entry: any id outside the list
+        table[ids] = np.arange(len(ids))
+        index = table[np.where((pred_ids >= 0) & (pred_ids <= ids.max()), pred_ids, len(table) - 1)]
+    else:
+        by_id = np.argsort(ids, kind="stable")
+        pos = np.minimum(np.searchsorted(ids[by_id], pred_ids), max(len(ids) - 1, 0))
+        index = np.where(ids[by_id][pos] == pred_ids, by_id[pos], -1) if len(ids) else np.full(len(pred_ids), -1)
+    listed = index >= 0
+    num_dropped = int(len(listed) - np.count_nonzero(listed))
     label_of_id = np.zeros(max(dataset.vocab.ids) + 1, dtype=np.int64)
     label_of_id[list(dataset.vocab.ids)] = np.arange(1, dataset.vocab.num_classes + 1)
-    return evaluate_arrays(dataset, by_id[pos[keep]], label_of_id[preds.class_ids[keep]], preds.scores[keep],
-                           preds.boxes[keep], blacklist=blacklist, keep_curves=keep_curves,
+    labels, scores, boxes = label_of_id[preds.class_ids], preds.scores, preds.boxes
+    if num_dropped:
+        warnings.warn(f"dropped {num_dropped} predictions on images that are not in the image list", stacklevel=2)
+        keep = np.flatnonzero(listed)
+        index, labels, scores, boxes = index[keep], labels[keep], scores[keep], boxes[keep]
+    return evaluate_arrays(dataset, index, labels, scores, boxes, blacklist=blacklist, keep_curves=keep_curves,
                            extra={"num_dropped_unlisted": num_dropped,
                                   "num_inverted_boxes": int(getattr(preds, "num_inverted", 0))})

@@ -6,6 +6,7 @@ project's xyxy convention only through :mod:`detector.boxes`.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -23,7 +24,7 @@ from detector.errors import UserError
 from detector.evaluation.detections import unpack
 
 NUM_COLUMNS = 7
-CHUNK_LINES = 1 << 19
+CHUNK_BYTES = 32 << 20  # parsed in pieces of ~32 MB (~700k lines)
 
 
 @dataclass(frozen=True)
@@ -128,17 +129,19 @@ def read_ilsvrc_predictions(path: str | Path, class_ids: Sequence[int] = range(1
         raise UserError(f"{path}: prediction file not found")
     allowed = np.asarray(sorted(set(int(c) for c in class_ids)), dtype=np.int64)
     chunks = []
-    with open(path, encoding="utf-8", errors="replace") as f, \
+    with open(path, "rb") as f, \
             tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="reading predictions",
                  disable=not progress, mininterval=0.5) as bar:
         while True:
-            lines = f.readlines(CHUNK_LINES * 48)
-            if not lines:
+            data = f.read(CHUNK_BYTES)
+            if not data:
                 break
-            bar.update(sum(len(line) for line in lines))
+            data += f.readline()  # end the chunk at a line end
+            bar.update(len(data))
             try:
-                with np.errstate(all="ignore"):
-                    rows = np.loadtxt(lines, dtype=np.float64, comments=None, ndmin=2)
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # an all-empty chunk
+                    rows = np.loadtxt(io.BytesIO(data), dtype=np.float64, comments=None, ndmin=2, encoding="utf-8")
             except ValueError:
                 rows = None
             if rows is None or (rows.size and not _check(rows, allowed, strict_boxes)):
@@ -152,7 +155,7 @@ def read_ilsvrc_predictions(path: str | Path, class_ids: Sequence[int] = range(1
                       f"{_line_of_row(path, int(inverted[0]))}); evaluated as the devkit does, "
                       "pass strict_boxes (--strict) to reject them", stacklevel=2)
     return IlsvrcPredictions(image_ids=rows[:, 0].astype(np.int64), class_ids=rows[:, 1].astype(np.int64),
-                             scores=np.ascontiguousarray(rows[:, 2]), boxes=np.ascontiguousarray(rows[:, 3:7]),
+                             scores=rows[:, 2], boxes=rows[:, 3:7],
                              num_inverted=int(inverted.size))
 
 
