@@ -260,12 +260,20 @@ class Detector:
                 raise UserError(f"proposals: {err}") from None
         if image_name is None:
             raise UserError("proposals come from a store, which needs the image's name (image_name=...)")
-        for key in dict.fromkeys((image_name, Path(image_name).name, Path(image_name).stem)):
+        reason = "not in the store"
+        for key in dict.fromkeys((str(image_name), Path(image_name).name, Path(image_name).stem)):
             try:
-                return source[key]
-            except KeyError:
+                found = source[key]
+            except KeyError as err:
+                reason = str(err.args[0]) if err.args else reason
                 continue
-        raise UserError(f"proposal store has no proposals for '{image_name}'; precompute them for this image")
+            stored_size = source.image_size(key) if hasattr(source, "image_size") else image.shape[:2]
+            if tuple(stored_size) != tuple(image.shape[:2]):
+                raise UserError(f"proposal store: '{image_name}' was {stored_size[1]}x{stored_size[0]} when its "
+                                f"proposals were computed, now {image.shape[1]}x{image.shape[0]}; recompute them")
+            return found
+        raise UserError(f"proposal store has no proposals for '{image_name}' ({reason}); precompute them for "
+                        "this image")
 
     def classify(self, image: np.ndarray, boxes: torch.Tensor, clock: StageClock
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,7 +131,7 @@ def test_proposal_sources(chess_scene, checkpoints):
     store = {"board.jpg": (boxes[:5], None)}  # anything indexable by image name, like ProposalStore
     det = Detector.from_checkpoint(checkpoints[0], device="cpu", proposals=store, score_threshold=0.0)
     assert len(det.propose(image, image_name="photos/board.jpg")) == 5  # found by file name
-    with pytest.raises(UserError, match="no proposals for"):
+    with pytest.raises(UserError, match="no proposals for .*precompute"):
         det(image, image_name="other.jpg")
     capped = Detector.from_checkpoint(checkpoints[0], device="cpu", max_proposals=7)
     assert len(capped.propose(image, boxes)) == 7
@@ -157,3 +157,22 @@ def test_bad_settings(checkpoints):
         Detector.from_checkpoint(checkpoints[0], device="tpu")
     with pytest.raises(UserError, match="score_threshold"):
         Detector.from_checkpoint(checkpoints[0], device="cpu", score_threshold=2.0)
+
+
+def test_real_proposal_store(tmp_path, chess_scene, checkpoints):
+    from proposals.store import ImageProposals, encode_boxes, write_part
+
+    image, boxes, _ = chess_scene
+    h, w = image.shape[:2]
+    write_part(tmp_path / "store" / "part0.pstore",
+               [ImageProposals(name="board.jpg", image_size=(h, w), boxes=encode_boxes(boxes[:6], (h, w))),
+                ImageProposals(name="small.jpg", image_size=(h // 2, w // 2),
+                               boxes=encode_boxes(boxes[:6] / 2, (h // 2, w // 2)))],
+               meta={"method": "test"})
+    from proposals import ProposalStore
+
+    det = Detector.from_checkpoint(checkpoints[0], device="cpu", proposals=ProposalStore(tmp_path / "store"))
+    found = det.propose(image, image_name="board.jpg")
+    np.testing.assert_allclose(found.numpy(), boxes[:6], atol=0.1)  # stored as 1/65535ths of the size
+    with pytest.raises(UserError, match="recompute"):  # proposals made for another image size
+        det.propose(image, image_name="small.jpg")
