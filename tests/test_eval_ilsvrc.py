@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from detector.boxes import voc_to_xyxy
-from detector.data import Dataset, ImageRecord, read_ilsvrc_det
+from detector.data import Dataset, IlsvrcDataset, ImageRecord, read_ilsvrc_det
 from detector.evaluation import evaluate_ilsvrc, read_ilsvrc_predictions, write_ilsvrc_submission
 from detector.evaluation.ap import average_precision, precision_recall
 from detector.evaluation.ilsvrc import inclusive_iou, object_thresholds
@@ -127,6 +127,9 @@ def test_blacklist_ignores_detections_and_positives():
     # A class whose only objects are blacklisted has no positives and no AP (b is only in image 2).
     r = evaluate_ilsvrc(ds, dets(*rows), blacklist=[(2, 1), (2, 2)])
     assert 2 not in r.ap and set(r.ap) == {1}
+    # The reader's blacklist (IlsvrcDataset.blacklist) is the default.
+    with_list = IlsvrcDataset(records=ds.records, vocab=ds.vocab, blacklist=frozenset({(2, 1)}))
+    assert evaluate_ilsvrc(with_list, dets(*rows)).ap[1] == pytest.approx(1.0)
 
 
 def test_images_without_objects_and_classes_without_positives():
