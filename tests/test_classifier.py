@@ -11,6 +11,16 @@ from detector.classifier import ClassifierConfig, RegionClassifier, load_backbon
 from detector.errors import UserError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small networks run fastest on one thread, and on a busy machine OpenMP's spinning threads can
+    make two threads 10-30x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_config_round_trip_and_defaults():
     config = ClassifierConfig(num_classes=12, input_size=112)
     assert config.context == 8  # R-CNN's 16 px at 224 scaled to 112
@@ -74,7 +84,7 @@ def test_backbone_weights_refusals(tmp_path, monkeypatch):
         load_backbone_weights(model, "imagenet")
     # a pickle holding an arbitrary object is refused by weights_only=True, never executed
     evil = tmp_path / "evil.pth"
-    evil.write_bytes(pickle.dumps({"conv1": os.getcwd}))  # a global the unpickler would call up
+    evil.write_bytes(pickle.dumps({"conv1": os.getcwd}, protocol=2))  # a global the unpickler would call up
     with pytest.raises(UserError, match="cannot read"):
         load_backbone_weights(model, evil)
     other = tmp_path / "resnet.pth"
