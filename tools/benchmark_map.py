@@ -17,11 +17,27 @@ COCO (pycocotools COCOeval, 12 numbers):
 Ground truth in another format: --gt-format ilsvrc|voc|coco (default: the protocol's own); predictions
 then use that format's file (ILSVRC submission lines, VOC lines, or a COCO results JSON).
 Prints a per-class table (id, name, positives, AP) and the mean. Exit code 2 on bad input.
+
+Model mode: detect every image of a dataset with a checkpoint (several --model: an ensemble; "default":
+the installed default model), write the dataset's result file, then evaluate it as above:
+    python tools/benchmark_map.py --model PATH [--model PATH ...] --dataset ilsvrc --images DIR \
+        --image-list FILE --annotations DIR [--meta FILE] [--blacklist FILE] --out DIR [--proposals METHOD|STORE]
+    python tools/benchmark_map.py --model PATH --dataset voc --annotations VOC_ROOT [--split test] --out DIR
+    python tools/benchmark_map.py --model PATH --dataset coco --annotations INSTANCES.json [--images DIR] --out DIR
+  --out receives ilsvrc_submission.txt (ILSVRC; 1-based inclusive), coco_results.json (COCO) or
+  voc_detections.txt (VOC), evaluation.json, per_class.txt, pr_curves.png, ap_per_class.png,
+  run_summary.json (images/s, unreadable images and why) and parts/ (the resumable chunks).
+  --protocol defaults to the dataset's (e.g. --dataset coco --protocol voc gives VOC AP50 on COCO data).
+  Rerunning the same command resumes a killed run. Under torchrun each rank detects a shard (or pass
+  --shard K/N on separate machines sharing --out) and rank 0 (or the last shard) merges and evaluates.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -34,8 +50,8 @@ PROTOCOLS = ("ilsvrc", "voc", "coco")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=PROTOCOLS, required=True, help="evaluation protocol")
-    p.add_argument("--predictions", type=Path, required=True,
+    p.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (model mode: default --dataset)")
+    p.add_argument("--predictions", type=Path,
                    help="detections file (ILSVRC submission lines, VOC lines, or a COCO results JSON)")
     p.add_argument("--annotations", type=Path, required=True,
                    help="ILSVRC: folder of XML files; VOC: dataset root; COCO: instances JSON")
@@ -57,7 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", type=Path, help="write PR curves and the AP bar chart (PNG) into this folder")
     g.add_argument("--rows", type=int, default=None, help="print at most this many table rows (default: all)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_arguments(p)
     return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model mode (detect every image, write the result file, evaluate it)")
+    g.add_argument("--model", action="append", metavar="PATH",
+                   help="checkpoint NAME(.safetensors|.json), or 'default'; repeat for an ensemble")
+    g.add_argument("--dataset", choices=PROTOCOLS, help="how --annotations is laid out (which reader)")
+    g.add_argument("--images", type=Path, help="image folder (ILSVRC: <name>.JPEG; default for VOC: ROOT/JPEGImages, "
+                   "for COCO: the JSON's folder)")
+    g.add_argument("--out", type=Path, help="output folder (results, evaluation, plots, resumable parts)")
+    g.add_argument("--proposals", metavar="METHOD|STORE",
+                   help="proposal method (ss-fast, googlenet, ...) or a precomputed store (default: the checkpoint's)")
+    g.add_argument("--max-proposals", type=int, metavar="N", help="classify at most N proposals per image")
+    g.add_argument("--threshold", type=float,
+                   help="keep detections with score in [T, 1] (default: the checkpoint's, 0.05 unless set)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available; torchrun: this rank's GPU), cpu, cuda:N")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="network precision")
+    g.add_argument("--batch-size", type=int, default=64, help="regions per forward pass, across images (default 64)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="processes reading images and computing proposals (default 1; 0: in the main process)")
+    g.add_argument("--chunk-size", type=int, default=32, help="images per atomic part file (default 32)")
+    g.add_argument("--shard", help="K/N: detect shard K of N (default: RANK/WORLD_SIZE under torchrun, else all)")
 
 
 def load_ground_truth(args):
@@ -128,17 +167,127 @@ def report(args, result) -> None:
             print(f"wrote {path}")
 
 
+@contextlib.contextmanager
+def show_warnings():
+    """Warnings as one ``warning: ...`` line each on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest: print(f"warning: {message}", file=sys.stderr)
+        yield
+
+
+def open_proposals(value: str | None):
+    """``--proposals``: None (the checkpoint's method), a method name, or a store folder."""
+    from proposals import METHODS, ProposalStore
+
+    return value if value is None or value in METHODS else ProposalStore(value)
+
+
+def model_paths(values: list[str]) -> list[Path]:
+    from detector.pipeline import NO_DEFAULT_MODEL, default_model
+
+    paths = []
+    for value in values:
+        path = default_model() if value == "default" else Path(value)
+        if path is None:
+            raise UserError(NO_DEFAULT_MODEL)
+        paths.append(path)
+    return paths
+
+
+def detect_dataset(args):
+    """Model mode: detect this shard's images into ``--out/parts``; when every part is there, write the result
+    file. Returns ``(result file or None when other shards still have work, dataset, run summary)``."""
+    from detector.dataset_runner import (
+        RunConfig,
+        claim_parts_folder,
+        run_detection,
+        run_settings,
+        wait_for_parts,
+        write_results,
+    )
+    from detector.pipeline import load_detector
+    from detector.training.distributed import pick_device
+    from proposals.precompute import parse_shard
+
+    if args.out is None or args.dataset is None:
+        raise UserError("--model needs --dataset and --out")
+    if args.gt_format not in (None, args.dataset):
+        raise UserError("--gt-format is for --predictions; with --model, --dataset says how the ground truth is laid out")
+    if args.dataset == "ilsvrc" and args.images is None:
+        raise UserError("--images is required for --dataset ilsvrc (the folder of <name>.JPEG)")
+    args.gt_format, args.protocol = args.dataset, args.protocol or args.dataset
+    if args.dataset == "coco" and args.images is not None:
+        args.image_root = args.images
+    config = RunConfig(chunk_size=args.chunk_size, shard=parse_shard(args.shard), workers=args.workers)
+    rank, world = config.shard
+    torchrun = args.shard is None and world > 1  # rank 0 waits for the others, merges and evaluates
+    device = pick_device("auto", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "auto" else args.device
+    paths = model_paths(args.model)
+    dataset = load_ground_truth(args)
+    if args.images is not None and args.dataset != "coco":
+        dataset.image_root = args.images
+    detector = load_detector(paths, device=device, precision=args.precision, batch_size=args.batch_size,
+                             proposals=open_proposals(args.proposals), max_proposals=args.max_proposals,
+                             score_threshold=args.threshold)
+    parts = claim_parts_folder(args.out / "parts", run_settings(paths, detector, dataset, config.chunk_size))
+    run = run_detection(detector, dataset, parts, config, progress=not args.quiet)
+    print(f"shard {rank}/{world}: {run.total} images, {run.skipped} already done, {run.done} detected in "
+          f"{run.seconds:.1f} s ({run.images_per_second:.2f} images/s), {len(run.failures)} unreadable",
+          file=sys.stderr)
+    summary = {"shard": [rank, world], **run.to_dict(), "device": str(detector.device),
+               "precision": str(detector.dtype), "batch_size": args.batch_size, "workers": args.workers}
+    if run.missing_chunks:
+        if not (torchrun and rank == 0):
+            print(f"{len(run.missing_chunks)} chunks of other shards are still missing; the last shard to finish "
+                  "(or rerunning this command) merges and evaluates", file=sys.stderr)
+            return None, dataset, summary
+        wait_for_parts(parts, dataset, config.chunk_size, progress=not args.quiet)
+    elif torchrun and rank != 0:
+        return None, dataset, summary
+    path, count, merged = write_results(parts, dataset, config.chunk_size, args.out, args.dataset)
+    print(f"wrote {path} ({count} detections on {len(dataset)} images)")
+    summary.update(dataset_images=len(dataset), detections=count, unreadable=len(merged.failures),
+                   failures=merged.failures)
+    if merged.failures:
+        print(f"{len(merged.failures)} of {len(dataset)} images could not be read (no detections; scored as the "
+              f"devkit would): " + "; ".join(f"{k}: {v}" for k, v in list(merged.failures.items())[:5])
+              + (" ..." if len(merged.failures) > 5 else ""), file=sys.stderr)
+    return path, dataset, summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.iou <= 1.0:
         raise UserError(f"--iou {args.iou} is outside (0, 1]")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *rest: print(f"warning: {message}", file=sys.stderr)
+    if (args.model is None) == (args.predictions is None):
+        raise UserError("pass --predictions FILE (evaluate a file) or --model PATH (detect, then evaluate)"
+                        + (", not both" if args.model else ""))
+    if args.model is not None:
+        return model_mode(args)
+    if args.protocol is None:
+        raise UserError("--protocol is required with --predictions (ilsvrc, voc or coco)")
+    with show_warnings():
         dataset = load_ground_truth(args)
         detections = load_predictions(args, dataset)
         result = evaluate(args, dataset, detections)
     report(args, result)
+    return 0
+
+
+def model_mode(args) -> int:
+    from detector.evaluation.submission import write_atomic
+
+    with show_warnings():
+        path, dataset, summary = detect_dataset(args)
+        if path is None:
+            return 0
+        args.predictions = path
+        result = evaluate(args, dataset, load_predictions(args, dataset))
+    args.json, args.plot = args.out / "evaluation.json", args.out
+    report(args, result)
+    write_atomic(args.out / "per_class.txt", lambda f: f.write(result.table() + "\n"))
+    write_atomic(args.out / "run_summary.json", lambda f: json.dump(summary | {"mAP": result.mAP}, f, indent=1))
     return 0
 
 
