@@ -338,7 +338,8 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     def save(iteration: int, snapshot: bool) -> None:
         if not ctx.is_main:
             return
-        cfg = {**model_config, "training": {"iteration": iteration, "iterations": total}}
+        cfg = {**model_config, "training": {**model_config.get("training", {}), "iteration": iteration,
+                                            "iterations": total}}
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_checkpoint(out_dir / "last.safetensors", weights, cfg)
         if snapshot:
@@ -365,8 +366,8 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
             improved = value is not None and not math.isnan(value) and (best_metric is None or value > best_metric)
             if improved:
                 best_metric, best_iteration = float(value), iteration
-                cfg = {**model_config, "training": {"iteration": iteration, "iterations": total,
-                                                    f"val_{config.metric}": best_metric}}
+                cfg = {**model_config, "training": {**model_config.get("training", {}), "iteration": iteration,
+                                                    "iterations": total, f"val_{config.metric}": best_metric}}
                 save_checkpoint(out_dir / "best.safetensors",
                                 {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, cfg)
             log.write({"iteration": iteration, "eval": results, "best": improved})

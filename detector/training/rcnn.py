@@ -1,0 +1,269 @@
+"""R-CNN fine-tuning of the region classifier: datasets and proposals in, a detector checkpoint out.
+
+This module joins the generic pieces (:mod:`.engine`, :mod:`.sampler`, :mod:`.data`, :mod:`.losses`,
+:mod:`.validation`) for ``tools/train_detector.py``; the tool only parses arguments.
+
+The checkpoint's JSON config (:func:`detector.checkpoint.make_checkpoint_config`) records everything
+detection needs besides the weights: the classifier config (input size, context, normalization, warp),
+the classes, the box coder, the proposal method with its options and count, and the post-processing
+(score threshold, NMS, detections per image); ``training`` holds the provenance (data, sampler, loss,
+schedule).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.box_coder import BoxCoder
+from detector.classifier import ClassifierConfig, RegionClassifier, load_backbone_weights
+from detector.data.records import Dataset, ImageRecord
+from detector.errors import UserError
+from detector.postprocess import PostprocessConfig
+from detector.training.data import (
+    ProposalFn,
+    RegionBatchSource,
+    RegionDataConfig,
+    cached_proposals,
+    check_images,
+)
+from detector.training.distributed import DistContext
+from detector.training.engine import EngineConfig, TrainResult, train
+from detector.training.losses import LossConfig, detection_loss
+from detector.training.sampler import SamplerConfig
+from detector.training.validation import Validator
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """method: a :func:`proposals.propose` method, used when no store is given. options: its settings
+    (e.g. ``{"max_side": 500}``). store: a precomputed :class:`proposals.ProposalStore` path.
+    cache_dir: where proposals computed here are kept (one ``.npy`` per image).
+    max_proposals: proposals per image used in training. eval_max_proposals: per image at detection."""
+
+    method: str = "ss-fast"
+    options: dict = field(default_factory=lambda: {"max_side": 500})
+    store: str | None = None
+    cache_dir: str | None = None
+    max_proposals: int = 2000
+    eval_max_proposals: int = 1000
+
+
+@dataclass(frozen=True)
+class DetectorTrainConfig:
+    """Everything one R-CNN fine-tuning run needs (built by ``tools/train_detector.py``)."""
+
+    train: str
+    val: str | None
+    out_dir: str
+    classifier: ClassifierConfig
+    engine: EngineConfig
+    sampler: SamplerConfig = SamplerConfig()
+    loss: LossConfig = LossConfig()
+    proposals: ProposalConfig = ProposalConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    train_split: str = "trainval"
+    val_split: str = "test"
+    ilsvrc_annotations: str | None = None
+    image_root: str | None = None
+    val_images: int = 0
+    backbone_weights: str | None = None
+    verify_images: bool = False
+    resume: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+
+def load_dataset(path: str | Path, split: str = "trainval", annotations: str | None = None,
+                 image_root: str | None = None) -> Dataset:
+    """A COCO JSON file, a VOC folder (``Annotations/``, ``ImageSets/Main/<split>.txt``) or an ILSVRC
+    image list (``.txt``, with ``annotations`` the XML folder and ``image_root`` the images)."""
+    from detector.data import read_coco, read_ilsvrc_det, read_voc
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset '{path}' does not exist; pass a COCO .json file, a VOC folder or an ILSVRC "
+                        "image list")
+    if path.is_file() and path.suffix == ".json":
+        dataset = read_coco(path, image_root=image_root)
+    elif path.is_dir() and (path / "Annotations").is_dir():
+        dataset = read_voc(path, split=split)
+    elif path.is_file() and path.suffix == ".txt":
+        if annotations is None:
+            raise UserError(f"dataset '{path}' is an ILSVRC image list: pass its XML folder with "
+                            "--ilsvrc-annotations DIR (and the images with --image-root DIR)")
+        dataset = read_ilsvrc_det(path, annotations, image_root=image_root)
+    else:
+        raise UserError(f"dataset '{path}': not a COCO .json file, a VOC folder with Annotations/ or an ILSVRC "
+                        ".txt image list")
+    if len(dataset) == 0:
+        raise UserError(f"dataset '{path}'{f' split {split}' if path.is_dir() else ''} has no images; check "
+                        "the path and the split")
+    return dataset
+
+
+def align_vocabulary(val: Dataset, train: Dataset, val_path: str) -> Dataset:
+    """The validation set with labels of the training vocabulary; a class the training set lacks is an error."""
+    if val.vocab.names == train.vocab.names:
+        return val
+    missing = [n for n in val.vocab.names if n not in train.vocab.names]
+    present = {int(lab) for rec in val.records for lab in rec.gt_labels}
+    missing = [n for n in missing if val.vocab.label_of_name(n) in present]
+    if missing:
+        raise UserError(f"validation set '{val_path}': classes {missing} are not in the training vocabulary "
+                        f"({len(train.vocab)} classes); train on data that has them or drop them")
+    relabel = np.zeros(len(val.vocab) + 1, np.int64)
+    for i, name in enumerate(val.vocab.names, start=1):
+        relabel[i] = train.vocab.label_of_name(name) if name in train.vocab.names else 0
+    records = [replace(rec, gt_labels=relabel[rec.gt_labels]) for rec in val.records]
+    return Dataset(records=records, vocab=train.vocab, image_root=val.image_root, name=val.name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# proposals
+
+
+def split_name(path: str | Path, split: str) -> str:
+    """A folder name for a dataset's proposal cache: the JSON's folder (COCO), ``<folder>-<split>`` (VOC)
+    or the list's stem (ILSVRC)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return path.parent.name
+    return f"{path.name}-{split}" if path.is_dir() else path.stem
+
+
+def proposal_function(config: ProposalConfig, split_name: str) -> ProposalFn:
+    """Proposals per image in original pixels: from the store, or computed once and cached in
+    ``cache_dir/split_name``."""
+    if config.store is not None:
+        from proposals import ProposalStore
+
+        store = ProposalStore(config.store)
+
+        def from_store(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
+            for key in (str(rec.image_id), Path(rec.file_name).stem, rec.file_name):
+                try:
+                    return np.asarray(store[key][0], np.float32)
+                except KeyError:
+                    continue
+            raise UserError(f"proposal store '{config.store}' has no entry for image {rec.image_id} "
+                            f"({rec.file_name}); precompute proposals for this split")
+
+        return from_store
+
+    from proposals import propose
+
+    options = dict(config.options)
+
+    def compute(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
+        return propose(image, method=config.method, **options)
+
+    cache = Path(config.cache_dir) / split_name if config.cache_dir else None
+    return cached_proposals(compute, cache, {"method": config.method, **options})
+
+
+# ----------------------------------------------------------------------------------------------------
+# the checkpoint's config
+
+
+def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dict:
+    """The JSON saved beside the weights: what rebuilds the model and how it detects."""
+    from detector.checkpoint import make_checkpoint_config
+
+    prop = config.proposals
+    training = {
+        "train": config.train, "val": config.val, "sampler": asdict(config.sampler), "loss": asdict(config.loss),
+        "schedule": asdict(config.engine.schedule), "momentum": config.engine.momentum,
+        "weight_decay": config.engine.weight_decay, "amp": config.engine.amp, "seed": config.engine.seed,
+        "train_max_proposals": prop.max_proposals, "backbone_weights": config.backbone_weights,
+    }
+    return make_checkpoint_config(
+        config.classifier, vocab,
+        proposals={"method": prop.method, "options": dict(prop.options), "max_proposals": prop.eval_max_proposals},
+        postprocess=config.postprocess, box_weights=box_coder.weights, training=training)
+
+
+def region_loss(loss_config: LossConfig):
+    def loss_fn(model, batch):
+        out = model(batch["crops"])
+        return detection_loss(out.class_logits, out.box_deltas, batch["labels"], batch["box_targets"],
+                              batch["regress"], out.aux_logits, loss_config)
+    return loss_fn
+
+
+def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), report=print) -> TrainResult:
+    """Load the data, build the model and train it (see :mod:`detector.training.engine` for the files)."""
+    train_set = load_dataset(config.train, config.train_split, config.ilsvrc_annotations, config.image_root)
+    check = check_images(train_set, decode=config.verify_images, progress=ctx.is_main and config.engine.progress)
+    if check.skipped:
+        report(f"training set: {check.report()}")
+        if ctx.is_main:
+            Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(config.out_dir) / "skipped_images.txt").write_text(
+                "".join(f"{p}\t{r}\n" for p, r in check.skipped), encoding="utf-8")
+    if not check.records:
+        raise UserError(f"dataset '{config.train}': none of its {len(train_set)} images can be read; check "
+                        "the image folder")
+    train_set = Dataset(check.records, train_set.vocab, train_set.image_root, train_set.name)
+    if config.classifier.num_classes != train_set.vocab.num_classes:
+        raise UserError(f"the classifier has {config.classifier.num_classes} classes but '{config.train}' has "
+                        f"{train_set.vocab.num_classes}")
+    box_coder = BoxCoder()
+    validator = None
+    if config.val:
+        val_set = load_dataset(config.val, config.val_split, config.ilsvrc_annotations, config.image_root)
+        val_set = align_vocabulary(val_set, train_set, config.val)
+        val_check = check_images(val_set, decode=config.verify_images)
+        if val_check.skipped:
+            report(f"validation set: {val_check.report()}")
+        records = val_check.records[: config.val_images] if config.val_images else val_check.records
+        val_set = Dataset(records, val_set.vocab, val_set.image_root, val_set.name)
+        validator = Validator(val_set, proposal_function(config.proposals, split_name(config.val, config.val_split)),
+                              config.proposals.eval_max_proposals, config.postprocess, box_coder,
+                              precision="auto", progress=ctx.is_main and config.engine.progress)
+
+    torch.manual_seed(config.engine.seed)
+    model = RegionClassifier(config.classifier)
+    if config.backbone_weights:
+        count = load_backbone_weights(model, config.backbone_weights)
+        report(f"initialized the trunk from {config.backbone_weights} ({count} tensors)")
+    data = RegionDataConfig.for_classifier(config.classifier, max_proposals=config.proposals.max_proposals,
+                                           seed=config.engine.seed)
+    proposals = proposal_function(config.proposals, split_name(config.train, config.train_split))
+    source = RegionBatchSource(train_set, proposals, config.sampler, data,
+                               box_coder, rank=ctx.rank, world_size=ctx.world_size)
+    saved = model_config(config, train_set.vocab, box_coder)
+    resume_key = {k: saved[k] for k in ("classifier", "classes", "box_coder")}
+    resume_key["training"] = {k: v for k, v in saved["training"].items() if k != "val"}
+    resume_key["world_size"] = ctx.world_size
+    resume_key = json.loads(json.dumps(resume_key))
+    return train(model, source, region_loss(config.loss), config.engine, ctx, model_config=saved,
+                 resume_key=resume_key, evaluate=validator, resume=config.resume,
+                 items_per_batch=source.regions_per_batch, report=report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shipping a checkpoint
+
+
+def export_detector(source: str | Path, target: str | Path, half: bool = True, notes: dict | None = None) -> Path:
+    """Write ``source``'s detector as ``target`` for inference: without the auxiliary classifiers (only
+    training uses them), floating-point tensors as float16 when ``half`` (loading casts them back to the
+    model's float32), and ``notes`` added to the config's ``training`` section. Returns the weights path."""
+    from detector.checkpoint import load_checkpoint, save_checkpoint
+
+    state, config = load_checkpoint(source)
+    state = {k: v for k, v in state.items() if not k.startswith(("trunk.aux1.", "trunk.aux2."))}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    config = json.loads(json.dumps(config))
+    config.setdefault("classifier", {})["aux_logits"] = False
+    config["training"] = {**config.get("training", {}), **(notes or {}),
+                          "exported_from": str(source), "stored_dtype": "float16" if half else "float32"}
+    return save_checkpoint(target, state, config)

@@ -1,0 +1,62 @@
+"""Periodic evaluation during training: the project's detector, with the model being trained, scored by
+the project's evaluator (:func:`detector.evaluation.voc.evaluate_voc`, VOC2010+ all-point AP at IoU 0.5).
+
+Detection is exactly what ``tools/detect.py`` does (:class:`detector.pipeline.Detector`), on a copy of
+the model (the detector puts its models in eval mode and channels-last memory) and on precomputed
+proposals, so that no checkpoint has to be written and read back.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from detector.box_coder import BoxCoder
+from detector.data.records import Dataset
+from detector.io import load_image
+from detector.postprocess import PostprocessConfig
+from detector.training.data import ProposalFn
+
+
+class Validator:
+    """``validator(model) -> {"mAP": ..., "num_detections": ...}`` on ``dataset``.
+
+    proposals: per-image proposals (original pixels); the first ``max_proposals`` are classified.
+    precision: the detector's (``"auto"``, ``"fp32"``, ``"bf16"``).
+    """
+
+    def __init__(self, dataset: Dataset, proposals: ProposalFn, max_proposals: int,
+                 post: PostprocessConfig = PostprocessConfig(), box_coder: BoxCoder | None = None,
+                 precision: str = "auto", batch_size: int = 64, progress: bool = False):
+        self.dataset, self.proposals, self.max_proposals, self.post = dataset, proposals, max_proposals, post
+        self.box_coder = box_coder or BoxCoder()
+        self.precision, self.batch_size, self.progress = precision, batch_size, progress
+        self._images: dict[int, np.ndarray] = {}
+
+    def detect_all(self, model: torch.nn.Module) -> dict:
+        """image id -> :class:`detector.pipeline.Detections` of every image of the dataset."""
+        from tqdm import tqdm
+
+        from detector.pipeline import Detector, ProposalSettings
+
+        device = next(model.parameters()).device
+        detector = Detector([copy.deepcopy(model)], self.dataset.vocab,
+                            ProposalSettings(max_proposals=self.max_proposals), self.post, self.box_coder,
+                            device=device, precision=self.precision, batch_size=self.batch_size)
+        detections = {}
+        for i, rec in enumerate(tqdm(self.dataset.records, desc="validating", unit="img", leave=False,
+                                     disable=not self.progress)):
+            image = self._images.get(i)
+            if image is None:
+                image = self._images[i] = load_image(self.dataset.image_path(rec))
+            detections[rec.image_id] = detector(image, proposals=self.proposals(rec, image))
+        return detections
+
+    def __call__(self, model: torch.nn.Module) -> dict:
+        from detector.evaluation.voc import evaluate_voc
+
+        detections = self.detect_all(model)
+        result = evaluate_voc(self.dataset, detections)
+        return {"mAP": float(result.mAP), "num_detections": int(sum(len(d) for d in detections.values()))}
