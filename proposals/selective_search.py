@@ -29,7 +29,9 @@ from numba import njit
 from proposals import colour
 from proposals.segmentation import segment_scales
 
-DEFAULT_MAX_BOXES = 2000  # proposals per image an R-CNN-style detector scores
+# Default cap on boxes per image: fast mode keeps the 2000 best-ranked (the budget R-CNN-style
+# detectors score per image); single mode stays below it anyway and quality mode exists to give more.
+MODE_MAX_BOXES = {"single": None, "fast": 2000, "quality": None}
 SIMILARITIES = ("CTSF", "TSF", "F", "S")  # C colour, T texture, S size, F fill
 MODES = ("single", "fast", "quality")
 
@@ -408,8 +410,16 @@ def rank_boxes(hierarchy_boxes: list[np.ndarray], seed: int = 0) -> tuple[np.nda
     return boxes[keep].astype(np.int32), ranks[keep]
 
 
+def _max_boxes(max_boxes: int | None | str, mode: str) -> int | None:
+    if max_boxes == "mode":
+        return MODE_MAX_BOXES.get(mode)
+    if max_boxes is not None and (isinstance(max_boxes, str) or max_boxes < 0):
+        raise ValueError(f"max_boxes must be a count >= 0, None or 'mode', got {max_boxes!r}")
+    return max_boxes
+
+
 def search(image: np.ndarray, mode: str = "fast", *, max_side: int | None = 500, superpixel_scale: float = 1.0,
-           min_size: int = 0, max_boxes: int | None = DEFAULT_MAX_BOXES, seed: int = 0, sigma: float = 0.8,
+           min_size: int = 0, max_boxes: int | None | str = "mode", seed: int = 0, sigma: float = 0.8,
            strategies=None) -> SearchResult:
     """Native Selective Search at the working size; see :func:`selective_search` for the options.
 
@@ -425,13 +435,14 @@ def search(image: np.ndarray, mode: str = "fast", *, max_side: int | None = 500,
     if min_size > 0:  # keep boxes at least min_size working pixels wide and high
         keep = ((boxes[:, 2] - boxes[:, 0] + 1) >= min_size) & ((boxes[:, 3] - boxes[:, 1] + 1) >= min_size)
         boxes, ranks = boxes[keep], ranks[keep]
-    if max_boxes is not None:
-        boxes, ranks = boxes[:max_boxes], ranks[:max_boxes]
+    cap = _max_boxes(max_boxes, mode)
+    if cap is not None:
+        boxes, ranks = boxes[:cap], ranks[:cap]
     return SearchResult(boxes, ranks, size, rgb.shape[:2])
 
 
 def selective_search(image: np.ndarray, mode: str = "fast", *, backend: str = "native", max_side: int | None = 500,
-                     superpixel_scale: float = 1.0, min_size: int = 0, max_boxes: int | None = DEFAULT_MAX_BOXES,
+                     superpixel_scale: float = 1.0, min_size: int = 0, max_boxes: int | None | str = "mode",
                      seed: int = 0, sigma: float = 0.8) -> np.ndarray:
     """Selective Search object proposals for one image.
 
@@ -444,9 +455,9 @@ def selective_search(image: np.ndarray, mode: str = "fast", *, backend: str = "n
     superpixel_scale: multiplies every ``k`` (GoogLeNet's detector used 2: larger superpixels,
     about half the proposals).
     min_size: drop boxes narrower or lower than this many working-image pixels (R-CNN: 20; 0 keeps all).
-    max_boxes: keep at most this many best-ranked boxes; default 2000, the budget R-CNN-style
-    detectors score per image (the paper's fast mode gives ~2,100 boxes on PASCAL VOC but ~3,700 on
-    cluttered COCO photos, measured); None keeps all (quality mode: ~10,000).
+    max_boxes: keep at most this many best-ranked boxes; None keeps all. ``"mode"`` (default):
+    2000 in fast mode, the budget R-CNN-style detectors score per image (the paper's fast mode
+    gives ~2,100 boxes on PASCAL VOC, ~3,700 on cluttered COCO photos, measured), all otherwise.
     seed: seeds the random part of the ranking; the same seed gives the same boxes.
 
     Returns float32 ``(N, 4)`` xyxy boxes in pixels of the input image, best-ranked first.
@@ -456,6 +467,7 @@ def selective_search(image: np.ndarray, mode: str = "fast", *, backend: str = "n
 
         boxes = run_backend(backend, image, mode, max_side=max_side, superpixel_scale=superpixel_scale,
                             min_size=min_size, sigma=sigma)
-        return boxes if max_boxes is None else boxes[:max_boxes]
+        cap = _max_boxes(max_boxes, mode)
+        return boxes if cap is None else boxes[:cap]
     return search(image, mode, max_side=max_side, superpixel_scale=superpixel_scale, min_size=min_size,
                   max_boxes=max_boxes, seed=seed, sigma=sigma).boxes_xyxy()

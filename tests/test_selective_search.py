@@ -163,6 +163,18 @@ def test_max_boxes_keeps_the_best_ranked(photo):
     top = search(photo, "fast", max_side=160, max_boxes=100)
     assert len(every.boxes) > 100 and len(top.boxes) == 100
     np.testing.assert_array_equal(top.boxes, every.boxes[:100])
+    with pytest.raises(ValueError, match="max_boxes"):
+        search(photo, "fast", max_side=160, max_boxes=-1)
+
+
+def test_fast_mode_caps_at_2000_by_default(photo):
+    # At 500 pixels this photo gives more than 2000 distinct boxes in fast mode (about 3500).
+    capped = search(photo, "fast")
+    assert len(capped.boxes) == 2000
+    np.testing.assert_array_equal(capped.boxes, search(photo, "fast", max_boxes=None).boxes[:2000])
+    # Quality and single modes keep every box by default.
+    small = search(photo, "single", max_side=200)
+    assert len(small.boxes) == len(search(photo, "single", max_side=200, max_boxes=None).boxes)
 
 
 def test_min_size_drops_small_boxes(photo):
