@@ -7,7 +7,7 @@ so load from other processes hits them alike. The native code is compiled (numba
 
     python benchmarks/bench_selective_search.py                    # native fast vs OpenCV fast
     python benchmarks/bench_selective_search.py --max-images 32 --method native:single --method opencv:single
-    python benchmarks/bench_selective_search.py --with-package --json out.json
+    python benchmarks/bench_selective_search.py --with-package --json out.json --plot recall.png
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from detector.cli import run_tool  # noqa: E402
 from detector.data import read_coco  # noqa: E402
 from detector.io import load_image  # noqa: E402
-from proposals.recall import RecallAccumulator, evaluation_boxes  # noqa: E402
+from proposals.recall import RecallAccumulator, evaluation_boxes, plot_recall  # noqa: E402
 from proposals.selective_search import selective_search  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
@@ -47,6 +47,7 @@ def parse_args(argv):
     p.add_argument("--with-package", action="store_true", help="add the selectivesearch package (slow)")
     p.add_argument("--superpixel-scale", type=float, default=1.0, help="native and package k multiplier")
     p.add_argument("--json", help="write the figures as JSON here")
+    p.add_argument("--plot", help="draw recall against the number of proposals (PNG) here")
     return p.parse_args(argv)
 
 
@@ -86,6 +87,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"images": len(records), "max_side": args.max_side, "results": results}, f, indent=1)
+    if args.plot:
+        plot_recall(results, args.plot, title=f"{len(records)} images of {Path(args.annotations).name}, "
+                                              f"longest side {args.max_side}")
     return 0
 
 

@@ -76,43 +76,46 @@ def gaussian_derivatives(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> t
 
 
 @njit(cache=True)
-def _steered(ix, iy, o):
-    """Response in orientation ``o`` (angle ``o * 45`` degrees), clipped at zero."""
-    d = math.sqrt(0.5)
-    q = o % 4
-    if q == 0:
-        r = ix
-    elif q == 1:
-        r = (ix + iy) * d
-    elif q == 2:
-        r = iy
-    else:
-        r = (iy - ix) * d
-    if o >= 4:
-        r = -r
-    return r if r > 0.0 else 0.0
+def _texture_bins(ix, iy, feats, row):
+    """Write each pixel's texture bin (0..9: 10 bins over ``[0, max]`` of each orientation's
+    response) for the 8 orientations of one channel into ``feats[row:row + 8]``.
 
-
-@njit(cache=True)
-def _texture_bins(ix, iy, feats, column, first_dim):
-    """Write each pixel's texture bin (10 bins over ``[0, max]`` of each orientation's response)
-    for the 8 orientations of one channel into ``feats[:, column:column + 8]``."""
+    Orientation ``o`` (angle ``o * 45`` degrees) responds ``cos(a) Ix + sin(a) Iy`` clipped at 0;
+    ``o + 4`` is the negated response, so the four steered values give all eight.
+    """
     n = ix.shape[0]
+    d = np.float32(math.sqrt(0.5))
     top = np.zeros(8, np.float32)
     for p in range(n):
-        for o in range(8):
-            r = _steered(ix[p], iy[p], o)
-            if r > top[o]:
-                top[o] = r
+        a, b = ix[p], iy[p]
+        r0, r1, r2, r3 = a, (a + b) * d, b, (b - a) * d
+        top[0] = max(top[0], r0)
+        top[1] = max(top[1], r1)
+        top[2] = max(top[2], r2)
+        top[3] = max(top[3], r3)
+        top[4] = max(top[4], -r0)
+        top[5] = max(top[5], -r1)
+        top[6] = max(top[6], -r2)
+        top[7] = max(top[7], -r3)
     scale = np.empty(8, np.float32)
     for o in range(8):
         scale[o] = TEXTURE_BINS / top[o] if top[o] > 0 else 0.0
+    last = TEXTURE_BINS - 1
     for p in range(n):
-        for o in range(8):
-            b = int(_steered(ix[p], iy[p], o) * scale[o])
-            if b > TEXTURE_BINS - 1:
-                b = TEXTURE_BINS - 1
-            feats[p, column + o] = first_dim + o * TEXTURE_BINS + b
+        a, b = ix[p], iy[p]
+        for o in range(4):
+            if o == 0:
+                r = a
+            elif o == 1:
+                r = (a + b) * d
+            elif o == 2:
+                r = b
+            else:
+                r = (b - a) * d
+            pos = min(last, int(r * scale[o])) if r > 0 else 0
+            neg = min(last, int(-r * scale[o + 4])) if r < 0 else 0
+            feats[row + o, p] = pos
+            feats[row + o + 4, p] = neg
 
 
 def oriented_gradients(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> np.ndarray:
@@ -133,24 +136,20 @@ def oriented_gradients(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> np.
 
 
 def pixel_features(image: np.ndarray) -> np.ndarray:
-    """Histogram bin of every pixel for every descriptor dimension group.
+    """Histogram bin of every pixel for each colour channel and each (channel, orientation).
 
-    image: ``uint8 (H, W, C)`` in one colour space. Returns ``uint16 (H*W, 9*C)``: per pixel the
-    index, in the region descriptor of length ``25 C + 80 C`` (colour then texture), of the
-    colour bin of each channel and of the texture bin of each (channel, orientation) (see
-    :func:`oriented_gradients`). Texture responses are binned over ``[0, max]`` of that
-    (channel, orientation) in the image.
+    image: ``uint8 (H, W, C)`` in one colour space. Returns ``uint8 (9 C, H*W)``: rows ``0..C-1``
+    the colour bin (0..24) of each channel, then for channel ``c`` and orientation ``o`` (see
+    :func:`oriented_gradients`) row ``C + 8 c + o`` the texture bin (0..9), the response binned
+    over ``[0, max]`` of that (channel, orientation) in the image.
     """
     h, w, c = image.shape
-    feats = np.empty((h * w, c + ORIENTATIONS * c), np.uint16)
+    feats = np.empty((c + ORIENTATIONS * c, h * w), np.uint8)
     for ch in range(c):
-        feats[:, ch] = (image[:, :, ch].reshape(-1).astype(np.uint16) * COLOUR_BINS) >> 8
-        feats[:, ch] += ch * COLOUR_BINS
-    base = COLOUR_BINS * c
+        feats[ch] = (image[:, :, ch].reshape(-1).astype(np.uint16) * COLOUR_BINS) >> 8
     for ch in range(c):
         ix, iy = gaussian_derivatives(image[:, :, ch])
-        _texture_bins(ix.reshape(-1), iy.reshape(-1), feats, c + ch * ORIENTATIONS,
-                      base + ch * ORIENTATIONS * TEXTURE_BINS)
+        _texture_bins(ix.reshape(-1), iy.reshape(-1), feats, c + ch * ORIENTATIONS)
     return feats
 
 
@@ -160,22 +159,28 @@ def descriptor_sizes(num_channels: int) -> tuple[int, int]:
 
 
 @njit(cache=True)
-def _histograms(labels, num_regions, feats, num_dims, num_colour_feats):
-    hist = np.zeros((num_regions, num_dims), np.float32)
+def _histograms(labels, num_regions, feats, num_channels):
+    num_colour = COLOUR_BINS * num_channels
+    num_dims = num_colour + ORIENTATIONS * TEXTURE_BINS * num_channels
+    counts = np.zeros((num_regions, num_dims), np.int32)
     sizes = np.zeros(num_regions, np.int64)
     for p in range(labels.shape[0]):
+        sizes[labels[p]] += 1
+    first = np.empty(feats.shape[0], np.int64)  # descriptor offset of each feature row
+    for f in range(feats.shape[0]):
+        first[f] = f * COLOUR_BINS if f < num_channels else num_colour + (f - num_channels) * TEXTURE_BINS
+    for p in range(labels.shape[0]):
         r = labels[p]
-        sizes[r] += 1
-        for f in range(feats.shape[1]):
-            hist[r, feats[p, f]] += 1.0
-    num_colour = num_colour_feats * COLOUR_BINS
+        for f in range(feats.shape[0]):
+            counts[r, first[f] + feats[f, p]] += 1
+    hist = np.empty((num_regions, num_dims), np.float32)
     for r in range(num_regions):
-        sc = 1.0 / (sizes[r] * num_colour_feats)
-        st = 1.0 / (sizes[r] * (feats.shape[1] - num_colour_feats))
+        sc = 1.0 / (sizes[r] * num_channels)
+        st = 1.0 / (sizes[r] * num_channels * ORIENTATIONS)
         for d in range(num_colour):
-            hist[r, d] *= sc
+            hist[r, d] = counts[r, d] * sc
         for d in range(num_colour, num_dims):
-            hist[r, d] *= st
+            hist[r, d] = counts[r, d] * st
     return hist
 
 
@@ -186,5 +191,4 @@ def region_histograms(labels: np.ndarray, num_regions: int, feats: np.ndarray, n
     same image. Returns float32 ``(num_regions, 25 C + 80 C)``: columns ``[0, 25 C)`` are the colour
     histogram (summing to 1), the rest the texture histogram (summing to 1).
     """
-    dc, dt = descriptor_sizes(num_channels)
-    return _histograms(labels.reshape(-1), num_regions, feats, dc + dt, num_channels)
+    return _histograms(labels.reshape(-1), num_regions, feats, num_channels)
