@@ -203,10 +203,12 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
         if left:
             todo[c] = left
     report.skipped = report.total - sum(len(v) for v in todo.values())
-    tasks = [(i, entries[i], config.method, dict(config.options)) for c in sorted(todo) for i in todo[c]]
+    options = dict(config.options)
+    num_tasks = sum(len(v) for v in todo.values())
+    tasks = ((i, entries[i], config.method, options) for c in sorted(todo) for i in todo[c])  # lazily
     pending = {c: {} for c in todo}
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks), unit="img", desc="proposals", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=num_tasks, unit="img", desc="proposals", disable=not progress, smoothing=0.05)
 
     def collect(index: int, result: ImageProposals) -> None:
         c = index // size
@@ -221,7 +223,7 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
             bar.set_postfix(failed=len(report.failures))
         bar.update(1)
 
-    if config.workers <= 1 or len(tasks) <= 1:
+    if config.workers <= 1 or num_tasks <= 1:
         _init_worker()
         for task in tasks:
             collect(*process_image(task))
