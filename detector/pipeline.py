@@ -29,7 +29,7 @@ from detector.errors import UserError
 from detector.io import load_image
 from detector.postprocess import PostprocessConfig, postprocess
 from detector.vocab import Vocabulary
-from detector.warp import normalize_image, pyramid_for, warp_pyramid
+from detector.warp import image_pyramid, warp_pyramid
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resources" / "default_detector"
 NO_DEFAULT_MODEL = ("no model is installed: the default model (detector/resources/default_detector"
@@ -287,14 +287,11 @@ class Detector:
         deltas = torch.zeros((len(boxes), 4 * num_classes))
         if len(boxes) == 0:
             return probs, deltas
-        padded = {}  # one normalized image per normalization among the models
         for model in self.models:
             cfg: ClassifierConfig = model.config
             with clock("warp"):
-                key = (cfg.mean, cfg.std)
-                if key not in padded:
-                    padded[key] = normalize_image(image, cfg.mean, cfg.std, self.device, border=1)
-                pyramid = pyramid_for(padded[key], boxes, cfg.input_size, cfg.context, cfg.antialias)
+                pyramid = image_pyramid(image, boxes.cpu(), cfg.input_size, cfg.context, cfg.mean, cfg.std,
+                                        cfg.antialias, self.device)
             for start in range(0, len(boxes), self.batch_size):
                 chunk = slice(start, start + self.batch_size)
                 with clock("warp"):

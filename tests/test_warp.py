@@ -86,10 +86,18 @@ def test_antialiased_shrink_matches_cv2_area(photo):
     box = [164, 264, 932, 1032]
     crop = warp_regions(photo, np.array([box], np.float32), size, context)[0]
     ref = reference_crop(photo, box, size, context, cv2.INTER_AREA)
-    np.testing.assert_allclose(crop.numpy(), ref, atol=1e-4)
+    exact = warp_regions(torch.from_numpy(photo.copy()).permute(2, 0, 1), np.array([box], np.float32), size,
+                         context)[0]  # a tensor image takes the float path
+    np.testing.assert_allclose(exact.numpy(), ref, atol=1e-4)
+    # the CPU path makes levels from the 8-bit image: level 2 is rounded twice, <= 2 x 0.5 grey levels
+    one_grey = 1 / 255 / min(IMAGENET_STD)
+    np.testing.assert_allclose(crop.numpy(), ref, atol=1.01 * one_grey)
+    assert np.abs(crop.numpy() - ref).mean() < 0.5 * one_grey  # rounding errors, not a shifted grid
     aliased = warp_regions(photo, np.array([box], np.float32), size, context, antialias=False)[0]
     # without the pyramid one bilinear sample per output pixel departs from the area mean
-    assert np.abs(aliased.numpy() - ref).mean() > 10 * np.abs(crop.numpy() - ref).mean()
+    aliased_err = np.abs(aliased.numpy() - ref).mean()
+    assert aliased_err > 100 * np.abs(exact.numpy() - ref).mean()
+    assert aliased_err > 3 * np.abs(crop.numpy() - ref).mean()
 
 
 def test_mixed_levels_keep_box_order(photo):
@@ -122,8 +130,13 @@ def test_tensor_input_and_empty_boxes(photo):
     from_array = warp_regions(photo, boxes, 96, 7)
     from_tensor = warp_regions(torch.from_numpy(photo.copy()).permute(2, 0, 1), torch.from_numpy(boxes), 96, 7)
     from_float = warp_regions(torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255, boxes, 96, 7)
-    np.testing.assert_allclose(from_array.numpy(), from_tensor.numpy(), atol=1e-6)
-    np.testing.assert_allclose(from_array.numpy(), from_float.numpy(), atol=1e-5)
+    np.testing.assert_allclose(from_tensor.numpy(), from_float.numpy(), atol=1e-5)
+    # numpy uint8 on the CPU: pyramid levels rounded to 8 bits (here level 1: half a grey level)
+    np.testing.assert_allclose(from_array.numpy(), from_tensor.numpy(), atol=1.01 / 255 / min(IMAGENET_STD))
+    level0 = np.array([[10, 20, 80, 100]], np.float32)  # small enough for level 0: identical
+    np.testing.assert_allclose(warp_regions(photo, level0, 96, 7).numpy(),
+                               warp_regions(torch.from_numpy(photo.copy()).permute(2, 0, 1), level0, 96, 7).numpy(),
+                               atol=1e-5)
     assert warp_regions(photo, np.zeros((0, 4), np.float32), 96, 7).shape == (0, 3, 96, 96)
 
 
@@ -136,3 +149,16 @@ def test_normalize_border():
                                rtol=1e-6)
     with pytest.raises(ValueError):
         normalize_image(np.zeros((4, 4), np.uint8))
+
+
+def test_odd_sized_image_levels_agree_between_paths():
+    # odd height and width: the last row/column of each level averages what exists (float path) or a
+    # replicated copy (8-bit path), the same mean; boxes reaching the far edges read those pixels
+    image = np.random.default_rng(3).integers(0, 256, (301, 203, 3), dtype=np.uint8)
+    boxes = np.array([[0, 0, 203, 301], [100, 150, 203, 301], [3, 5, 150, 140]], np.float32)
+    fast = warp_regions(image, boxes, 32, 2)
+    exact = warp_regions(torch.from_numpy(image.copy()).permute(2, 0, 1), boxes, 32, 2)
+    # the first box shrinks ~10x (level 3): three roundings of at most half a grey level each
+    one_grey = 1 / 255 / min(IMAGENET_STD)
+    np.testing.assert_allclose(fast.numpy(), exact.numpy(), atol=1.5 * one_grey)
+    assert np.abs(fast.numpy() - exact.numpy()).mean() < 0.5 * one_grey
