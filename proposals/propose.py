@@ -5,7 +5,8 @@ Methods:
   (:func:`proposals.selective_search.selective_search`; options: ``backend``, ``max_side``,
   ``superpixel_scale``, ``min_size``, ``seed``, ``sigma``).
 - ``"multibox"``: the top MultiBox boxes (:mod:`proposals.multibox`; options: ``model`` a checkpoint
-  path, default the shipped model; ``top_k`` (200); ``nms_iou`` (0.7); ``device``).
+  path, default the shipped model; ``top_k`` (200); ``nms_iou`` (0.7); ``device``; Selective Search
+  options are accepted and have no effect).
 - ``"googlenet"``: Selective Search fast with ``superpixel_scale=2`` then the top 200 MultiBox boxes,
   near-duplicates removed (:mod:`proposals.merge`; options: the fields of
   :class:`proposals.merge.GoogLeNetRecipe` and further Selective Search options).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 METHODS = ("ss-fast", "ss-quality", "ss-single", "multibox", "googlenet")
+SS_ONLY_OPTIONS = ("backend", "max_side", "superpixel_scale", "min_size", "max_boxes", "seed", "sigma")
 
 
 def propose(image: np.ndarray, method: str = "ss-fast", **options) -> np.ndarray:
@@ -32,6 +34,8 @@ def propose(image: np.ndarray, method: str = "ss-fast", **options) -> np.ndarray
 
         model = options.pop("model", None)
         device = options.pop("device", "cpu")
+        for name in SS_ONLY_OPTIONS:  # tools pass their Selective Search settings to every method
+            options.pop(name, None)
         net = cached_multibox(None if model is None else str(model), str(device))
         return net.propose([image], **options)[0][0]
     if method == "googlenet":

@@ -1,0 +1,173 @@
+"""Data for MultiBox: datasets named by a path, batches of whole resized images, validation recall.
+
+A MultiBox batch is whole images resized to ``S x S`` (uint8, resized once and cached) with their
+ground-truth boxes in normalized xyxy; horizontal flips are drawn per image. :class:`MultiBoxBatches`
+returns batch ``i`` as a pure function of ``i`` (the contract of
+:class:`detector.training.engine.BatchSource`), so a resumed run reads the same batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detector.boxes import box_iou, xyxy_to_normalized
+from detector.data import Dataset, ImageRecord, read_coco, read_ilsvrc_det, read_voc
+from detector.errors import UserError
+from detector.io import ImageError, load_image
+
+
+def open_dataset(annotations: str | Path, split: str = "train", image_list: str | Path | None = None,
+                 image_root: str | Path | None = None) -> Dataset:
+    """A dataset named by its annotations.
+
+    annotations: a COCO instances ``.json``; a PASCAL VOC root (holding ``ImageSets/Main/<split>.txt``);
+    or an ILSVRC DET annotations folder of XMLs, with ``image_list`` (a ``val.txt``-style list) and
+    ``image_root`` (where the ``.JPEG`` files are).
+    """
+    path = Path(annotations)
+    if path.is_file() and path.suffix.lower() == ".json":
+        return read_coco(path, image_root)
+    if path.is_dir() and (path / "ImageSets" / "Main").is_dir():
+        return read_voc(path, split)
+    if path.is_dir() and image_list is not None:
+        return read_ilsvrc_det(image_list, path, image_root=image_root, progress=True)
+    if not path.exists():
+        raise UserError(f"annotations '{path}' not found; pass a COCO .json, a VOC root or an ILSVRC "
+                        "Annotations folder with --image-list")
+    raise UserError(f"annotations '{path}': not a COCO .json nor a VOC root (no ImageSets/Main); for ILSVRC "
+                    "pass its Annotations folder with --image-list")
+
+
+def normalized_targets(record: ImageRecord, image_size: tuple[int, int]) -> np.ndarray:
+    """A record's boxes as float32 ``(G, 4)`` normalized xyxy, clipped to ``[0, 1]``; crowd boxes and boxes
+    with no area dropped."""
+    boxes = record.gt_boxes[~record.iscrowd] if len(record.iscrowd) else record.gt_boxes
+    norm = np.clip(xyxy_to_normalized(boxes.astype(np.float32), image_size), 0.0, 1.0)
+    return norm[(norm[:, 2] > norm[:, 0]) & (norm[:, 3] > norm[:, 1])].astype(np.float32)
+
+
+class ResizedImages:
+    """A dataset's images resized to ``S x S`` (uint8 ``(S, S, 3)``) with their normalized boxes.
+
+    preload: read every image now (with a progress bar) and keep them in memory; images that cannot be
+    read are left out, and listed in ``failed`` as ``(path, reason)``. Without preload, images are read
+    when first asked for and cached; one that fails is replaced by the next readable image and listed.
+    """
+
+    def __init__(self, dataset: Dataset, input_size: int, preload: bool = True, progress: bool = True):
+        self.dataset = dataset
+        self.input_size = input_size
+        self.indices = list(range(len(dataset)))
+        self.failed: list[tuple[str, str]] = []
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if preload:
+            for index in tqdm(list(self.indices), desc="reading images", unit="img", disable=not progress,
+                              mininterval=0.5):
+                self._load(index)
+            self.indices = [i for i in self.indices if i in self._cache]
+        if not self.indices:
+            raise UserError(f"no readable image in dataset '{dataset.name or dataset.image_root}'"
+                            + (f" ({self.failed[0][0]}: {self.failed[0][1]})" if self.failed else ""))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _load(self, index: int) -> bool:
+        record = self.dataset[index]
+        path = self.dataset.image_path(record)
+        try:
+            image = load_image(path)
+        except ImageError as err:
+            self.failed.append((str(path), str(err)))
+            print(f"warning: skipping unreadable image {path}: {err}", file=sys.stderr)
+            return False
+        s = self.input_size
+        small = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+        self._cache[index] = (small, normalized_targets(record, image.shape[:2]))
+        return True
+
+    def get(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``position``-th usable image ``(S, S, 3)`` uint8 and its boxes ``(G, 4)`` normalized xyxy."""
+        for step in range(len(self.indices)):
+            index = self.indices[(position + step) % len(self.indices)]
+            if index in self._cache or self._load(index):
+                return self._cache[index]
+        raise UserError("no readable image left in the dataset")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """batch_size: images per batch and process; flip: random horizontal flips (probability 0.5);
+    seed: the data order and flips."""
+
+    batch_size: int = 8
+    flip: bool = True
+    seed: int = 0
+
+
+class MultiBoxBatches:
+    """Batches for :func:`detector.training.engine.train`; ``batch(i)`` depends on ``i`` alone.
+
+    Each epoch is a permutation of the images drawn from ``(seed, epoch)``; iteration ``i`` of process
+    ``rank`` takes the slots ``(i * world_size + rank) * B ..`` of the concatenated epochs, so processes
+    read disjoint images. Returns ``{"images": uint8 (B, S, S, 3), "boxes": B float32 tensors (G_b, 4)}``.
+    """
+
+    def __init__(self, images: ResizedImages, config: BatchConfig, rank: int = 0, world_size: int = 1):
+        self.images, self.config, self.rank, self.world_size = images, config, rank, world_size
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.images))
+        return self._orders[epoch]
+
+    def batch(self, iteration: int) -> dict:
+        n, b = len(self.images), self.config.batch_size
+        start = (iteration * self.world_size + self.rank) * b
+        rng = np.random.default_rng([self.config.seed, iteration, self.rank, 1])
+        images, boxes = [], []
+        for slot in range(start, start + b):
+            epoch, position = divmod(slot, n)
+            image, gt = self.images.get(int(self._order(epoch)[position]))
+            if self.config.flip and rng.random() < 0.5:
+                image = image[:, ::-1]
+                gt = np.stack([1.0 - gt[:, 2], gt[:, 1], 1.0 - gt[:, 0], gt[:, 3]], axis=1).astype(np.float32)
+            images.append(np.ascontiguousarray(image))
+            boxes.append(torch.from_numpy(gt.reshape(-1, 4)))
+        return {"images": torch.from_numpy(np.stack(images)), "boxes": boxes}
+
+
+def to_input(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``(B, S, S, 3)`` -> normalized float ``(B, 3, S, S)`` on the same device."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def proposal_quality(pred_boxes: list[np.ndarray], gt_boxes: list[np.ndarray]) -> dict[str, float]:
+    """Recall at IoU 0.5 and 0.7, MABO and boxes per image of proposals against ground truth.
+
+    pred_boxes, gt_boxes: per image, ``(N, 4)`` and ``(G, 4)`` xyxy in the same coordinates (IoU does not
+    change when both axes are scaled, so normalized coordinates give the pixel answer). A ground-truth
+    box counts as recalled at t when some proposal has IoU >= t with it; MABO is the mean over
+    ground-truth boxes of the best IoU.
+    """
+    best = [box_iou(gt, pred).max(axis=1) if len(pred) else np.zeros(len(gt), np.float32)
+            for pred, gt in zip(pred_boxes, gt_boxes) if len(gt)]
+    best = np.concatenate(best) if best else np.zeros(0, np.float32)
+    if len(best) == 0:
+        return {"recall_0.5": float("nan"), "recall_0.7": float("nan"), "mabo": float("nan"),
+                "boxes_per_image": float(np.mean([len(p) for p in pred_boxes])) if pred_boxes else 0.0}
+    return {"recall_0.5": float((best >= 0.5).mean()), "recall_0.7": float((best >= 0.7).mean()),
+            "mabo": float(best.mean()), "boxes_per_image": float(np.mean([len(p) for p in pred_boxes]))}
