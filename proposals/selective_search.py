@@ -11,8 +11,10 @@ For each *strategy* (a colour space, a segmentation scale ``k`` and a similarity
    region's histograms are the size-weighted average of its parts'. Every region, initial or
    merged, gives one box: ``2 n - 1`` boxes for ``n`` initial regions.
 3. Ranking (paper, sec. 3.3): a box's hierarchy position ``i`` (1 = the last merge, the whole
-   image) times a uniform random number in ``(0, 1]``. All strategies' boxes are merged, sorted by
-   that value ascending, and exact duplicates removed keeping the best-ranked copy.
+   image; every initial region one level below the first merge, as in the authors' code) times a
+   uniform random number in ``(0, 1]``. All strategies' boxes are merged, sorted by that value
+   ascending, and exact duplicates removed keeping the best-ranked copy. Fast mode then keeps the
+   2000 best (``max_boxes``).
 
 Sharing work across strategies: one segmentation per (colour space, k), one descriptor pass per
 segmentation and one set of per-pixel bins per colour space serve every similarity combination.
@@ -388,8 +390,9 @@ def rank_boxes(hierarchy_boxes: list[np.ndarray], seed: int = 0) -> tuple[np.nda
     regions, then ``n - 1`` merges. Merge ``j`` (1-based) has hierarchy position ``n - j`` (1 = the
     last merge, the whole image); every initial region has position ``n``, as in the authors' code
     (Image2HierarchicalGrouping.m). A box's rank value is its position times a uniform random number
-    in ``(0, 1]`` drawn from ``numpy.random.default_rng(seed)``, strategy by strategy. Returns the boxes sorted by rank value ascending (ties: strategy order, then row)
-    with exact duplicates removed keeping the best-ranked copy, and their rank values.
+    in ``(0, 1]`` drawn from ``numpy.random.default_rng(seed)``, strategy by strategy. Returns the
+    boxes sorted by rank value ascending (ties: strategy order, then row) with exact duplicates
+    removed keeping the best-ranked copy, and their rank values.
     """
     rng = np.random.default_rng(seed)
     ranks = []
