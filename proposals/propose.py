@@ -3,7 +3,7 @@
 Methods:
 - ``"ss-fast"``, ``"ss-quality"``, ``"ss-single"``: Selective Search in that mode
   (:func:`proposals.selective_search.selective_search`; options: ``backend``, ``max_side``,
-  ``superpixel_scale``, ``min_size``, ``seed``, ``sigma``).
+  ``superpixel_scale``, ``min_size``, ``max_boxes`` (fast mode: 2000 by default), ``seed``, ``sigma``).
 - ``"multibox"``: the top MultiBox boxes (:mod:`proposals.multibox`; options: ``model`` a checkpoint
   path, default the shipped model; ``top_k`` (200); ``nms_iou`` (0.7); ``device``; Selective Search
   options are accepted and have no effect).
