@@ -169,10 +169,20 @@ def load_train_state(path: str | Path) -> dict:
     return state
 
 
-def _differences(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k, '<absent>')!r} in the file, {current.get(k, '<absent>')!r} now"
-            for k in keys if saved.get(k) != current.get(k)]
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Settings that differ between a saved run and now, as ``key: old in the file, new now``.
+
+    Nested dicts are compared key by key, and a key absent on one side equals ``None`` on the other
+    (so a setting added to the tool later, left at its ``None`` default, does not block a resume).
+    """
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} in the file, {b!r} now")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
