@@ -49,6 +49,7 @@ def parse_args(argv):
     g.add_argument("--context", type=int, help="context pixels per side at S (default: 16 * S / 224)")
     g.add_argument("--dropout", type=float, default=0.4, help="dropout before the heads (default: 0.4)")
     g.add_argument("--backbone-weights", help="torchvision ImageNet googlenet weights file (default: from scratch)")
+    g.add_argument("--init-checkpoint", help="start from this detector checkpoint (same model; a new schedule)")
     g = p.add_argument_group("sampler (every threshold is an interval of the region's max IoU)")
     g.add_argument("--regions-per-batch", type=int, default=128, help="regions per batch and process (default: 128)")
     g.add_argument("--images-per-batch", type=int, default=2, help="images per batch and process (default: 2)")
@@ -137,7 +138,8 @@ def build_config(args):
         loss=LossConfig(aux_weight=args.aux_weight, box_weight=args.box_weight), proposals=proposals,
         postprocess=post, train_split=args.train_split, val_split=args.val_split,
         ilsvrc_annotations=args.ilsvrc_annotations, image_root=args.image_root, val_images=args.val_images,
-        backbone_weights=args.backbone_weights, verify_images=args.verify_images, resume=args.resume)
+        backbone_weights=args.backbone_weights, init_checkpoint=args.init_checkpoint,
+        verify_images=args.verify_images, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:

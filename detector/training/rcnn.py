@@ -72,6 +72,7 @@ class DetectorTrainConfig:
     image_root: str | None = None
     val_images: int = 0
     backbone_weights: str | None = None
+    init_checkpoint: str | None = None
     verify_images: bool = False
     resume: str | None = None
 
@@ -182,11 +183,30 @@ def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dic
         "schedule": asdict(config.engine.schedule), "momentum": config.engine.momentum,
         "weight_decay": config.engine.weight_decay, "amp": config.engine.amp, "seed": config.engine.seed,
         "train_max_proposals": prop.max_proposals, "backbone_weights": config.backbone_weights,
+        "init_checkpoint": config.init_checkpoint,
     }
     return make_checkpoint_config(
         config.classifier, vocab,
         proposals={"method": prop.method, "options": dict(prop.options), "max_proposals": prop.eval_max_proposals},
         postprocess=config.postprocess, box_weights=box_coder.weights, training=training)
+
+
+def load_init_checkpoint(model: RegionClassifier, path: str | Path) -> None:
+    """Start from a detector checkpoint of the same architecture (e.g. to continue with a new schedule)."""
+    from detector.checkpoint import load_checkpoint
+
+    state, saved = load_checkpoint(path)
+    wanted = model.state_dict()
+    if saved.get("classifier", {}).get("input_size") != model.config.input_size or any(
+            k in state and state[k].shape != v.shape for k, v in wanted.items()):
+        raise UserError(f"--init-checkpoint '{path}': its classifier differs from this run's (input size "
+                        f"{saved.get('classifier', {}).get('input_size')} vs {model.config.input_size}, or the "
+                        "classes); use a checkpoint of the same model")
+    missing = [k for k in wanted if k not in state and not k.startswith(("trunk.aux1.", "trunk.aux2."))]
+    if missing:
+        raise UserError(f"--init-checkpoint '{path}': {len(missing)} tensors missing (e.g. {missing[0]}); use a "
+                        "checkpoint written by this tool")
+    model.load_state_dict({k: state.get(k, v).to(v.dtype) for k, v in wanted.items()})
 
 
 def region_loss(loss_config: LossConfig):
@@ -233,6 +253,9 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
     if config.backbone_weights:
         count = load_backbone_weights(model, config.backbone_weights)
         report(f"initialized the trunk from {config.backbone_weights} ({count} tensors)")
+    if config.init_checkpoint:
+        load_init_checkpoint(model, config.init_checkpoint)
+        report(f"initialized the model from {config.init_checkpoint}")
     data = RegionDataConfig.for_classifier(config.classifier, max_proposals=config.proposals.max_proposals,
                                            seed=config.engine.seed)
     proposals = proposal_function(config.proposals, split_name(config.train, config.train_split))
