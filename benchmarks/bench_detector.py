@@ -96,7 +96,7 @@ def bench_size(image, boxes, size: int, precision: str, args, folder: Path) -> d
     stage = {k: statistics.median(t[k] for t in stages[1:]) for k in stages[-1]}
     return {"size": size, "precision": precision, "regions": len(boxes), "bare_s": bare, "detect_s": whole,
             "ratio": whole / bare, "bare_crops_per_s": len(boxes) / bare, "detect_crops_per_s": len(boxes) / whole,
-            "warp_s": stage["warp"], "postprocess_s": stage["postprocess"]}
+            "warp_s": stage["warp"], "classify_s": stage["classify"], "postprocess_s": stage["postprocess"]}
 
 
 def bench_warp(image, boxes, size: int, repeats: int) -> list[dict]:
@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = rows[-1]
                 print(f"  done {size} px {precision}: ratio {r['ratio']:.2f}", file=sys.stderr, flush=True)
             warp_rows += bench_warp(image, boxes, size, args.repeats)
-    print("\n size  precision  bare fwd s  detect s  ratio  bare crops/s  detect crops/s  warp s  nms+decode s")
+    print("\n size  precision  bare fwd s  detect s  ratio  bare crops/s  detect crops/s  (warp s  network s  nms s)")
     for r in rows:
         print(f"{r['size']:5d}  {r['precision']:>9}  {r['bare_s']:10.2f}  {r['detect_s']:8.2f}  {r['ratio']:5.2f}"
-              f"  {r['bare_crops_per_s']:12.1f}  {r['detect_crops_per_s']:14.1f}  {r['warp_s']:6.3f}"
-              f"  {r['postprocess_s']:12.3f}")
+              f"  {r['bare_crops_per_s']:12.1f}  {r['detect_crops_per_s']:14.1f}   {r['warp_s']:6.3f}"
+              f"  {r['classify_s']:9.2f}  {r['postprocess_s']:5.3f}")
     print("\n size  warp                           s      crops/s")
     for r in warp_rows:
         print(f"{r['size']:5d}  {r['warp']:<29}  {r['seconds']:6.3f}  {r['crops_per_s']:8.0f}")

@@ -30,7 +30,10 @@ def draw_detections(image: np.ndarray, detections) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     h, w = image.shape[:2]
     line = max(2, round(max(h, w) / 400))
-    font = ImageFont.load_default(size=max(12, round(max(h, w) / 60)))
+    try:
+        font = ImageFont.load_default(size=max(12, round(max(h, w) / 60)))
+    except TypeError:  # Pillow < 10.1: one small bitmap font
+        font = ImageFont.load_default()
     # lowest score first, so the best detections end up on top
     for i in np.argsort(detections.scores, kind="stable"):
         x1, y1, x2, y2 = (float(v) for v in detections.boxes[i])

@@ -287,11 +287,15 @@ class Detector:
         deltas = torch.zeros((len(boxes), 4 * num_classes))
         if len(boxes) == 0:
             return probs, deltas
+        pyramids = {}  # ensemble members with the same input settings share one pyramid
         for model in self.models:
             cfg: ClassifierConfig = model.config
             with clock("warp"):
-                pyramid = image_pyramid(image, boxes.cpu(), cfg.input_size, cfg.context, cfg.mean, cfg.std,
-                                        cfg.antialias, self.device)
+                key = (cfg.input_size, cfg.context, cfg.mean, cfg.std, cfg.antialias)
+                if key not in pyramids:
+                    pyramids[key] = image_pyramid(image, boxes.cpu(), cfg.input_size, cfg.context, cfg.mean,
+                                                  cfg.std, cfg.antialias, self.device)
+                pyramid = pyramids[key]
             for start in range(0, len(boxes), self.batch_size):
                 chunk = slice(start, start + self.batch_size)
                 with clock("warp"):

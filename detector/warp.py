@@ -22,7 +22,7 @@ that leaves its smaller side a shrink factor in ``[0.71, 1.41)`` (mip-mapping). 
 shrinks then equal ``cv2.INTER_AREA``. For a ``uint8`` image warped on the CPU the levels are made
 by OpenCV on the 8-bit image and normalized by table lookup, about four times faster than in float;
 they differ from float levels by at most half a grey level per level (rounding). The alternative,
-``sampling_ratio=2`` on the full image, costs four times as much and still aliases boxes more than
+``sampling_ratio=2`` on the full image, costs about twice as much and still aliases boxes more than
 twice the output size; measured in ``benchmarks/bench_detector.py``.
 """
 
