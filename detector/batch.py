@@ -26,7 +26,7 @@ import torch
 
 from detector.pipeline import Detections, Detector, StageClock
 from detector.postprocess import postprocess
-from detector.warp import normalize_image, pyramid_for, warp_pyramid
+from detector.warp import image_pyramid, warp_pyramid
 
 
 @dataclass(eq=False)
@@ -81,16 +81,12 @@ class BatchedDetector:
         if proposal_seconds is not None:
             job.timings["proposals"] = float(proposal_seconds)
         self._jobs.append(job)
-        if n:
-            normalized = {}  # one normalized image per (mean, std) among the models
-            for index, model in enumerate(det.models):
-                cfg = model.config
-                with self._clock("warp"):
-                    if (cfg.mean, cfg.std) not in normalized:
-                        normalized[cfg.mean, cfg.std] = normalize_image(image, cfg.mean, cfg.std, det.device, border=1)
-                    pyramid = pyramid_for(normalized[cfg.mean, cfg.std], boxes, cfg.input_size, cfg.context,
-                                          cfg.antialias)
-                self._queue_crops(index, job, pyramid)
+        for index, model in enumerate(det.models if n else ()):
+            cfg = model.config
+            with self._clock("warp"):
+                pyramid = image_pyramid(image, boxes.cpu(), cfg.input_size, cfg.context, cfg.mean, cfg.std,
+                                        cfg.antialias, det.device)
+            self._queue_crops(index, job, pyramid)
         return self._finished()
 
     def flush(self) -> list[tuple[Hashable, Detections]]:

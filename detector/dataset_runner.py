@@ -21,8 +21,8 @@ refused) and ``chunk-<c>.npz`` files, read with ``allow_pickle=False``:
 - ``counts`` int64 ``(I,)`` detections per image, then ``boxes`` float32 ``(D, 4)`` project xyxy,
   ``scores`` float32 ``(D,)``, ``labels`` int64 ``(D,)`` in the *dataset's* labels ``1..C``.
 
-Images are read, and their proposals computed, by ``workers`` background processes (a
-``torch.utils.data.DataLoader``) while this process warps and classifies.
+Images are read, and their proposals computed, by ``workers`` background threads while the main thread
+warps and classifies.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from detector.batch import BatchedDetector
+from detector.checkpoint import _atomic_write as atomic_write  # tmp file beside the target, then os.replace
 from detector.checkpoint import checkpoint_paths
 from detector.data.records import Dataset
 from detector.errors import UserError
@@ -56,7 +58,7 @@ PARTS_VERSION = 1
 class RunConfig:
     """chunk_size: images per part file (and per batching unit), >= 1.
     shard: ``(K, N)``: this run does the chunks ``c`` with ``c % N == K``.
-    workers: background processes reading images and computing proposals; 0 does it in this process.
+    workers: background threads reading images and computing proposals; 0 does it in the calling thread.
     """
 
     chunk_size: int = 32
@@ -136,7 +138,7 @@ def run_settings(model_paths: Sequence[str | os.PathLike], detector: Detector, d
     if isinstance(source, str):
         proposals = {"method": source, "options": detector.proposals.options}
     else:  # a store: its recorded method and size, not its path (which differs between machines)
-        proposals = {"store": getattr(source, "meta", str(source)), "num_images": len(source)}
+        proposals = {"store": getattr(source, "meta", type(source).__name__), "num_images": len(source)}
     models = []
     for path in model_paths:
         weights, config = checkpoint_paths(path)
@@ -197,16 +199,12 @@ def write_chunk(path: Path, results: list[tuple[int, str, Detections | None, str
         "scores": np.concatenate([d.scores for d in dets]).astype(np.float32) if dets else np.zeros(0, np.float32),
         "labels": np.concatenate([d.labels for d in dets]).astype(np.int64) if dets else np.zeros(0, np.int64),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, save)
 
 
 def read_chunk(path: Path, dataset: Dataset) -> list[tuple[int, tuple | None, str]]:
@@ -281,44 +279,49 @@ class _Loaded:
     seconds: float
 
 
-class _ImageSource(torch.utils.data.Dataset):
-    """Item ``i``: record ``positions[i]`` read and its proposals computed (in a worker process)."""
+def _read(dataset: Dataset, position: int, detector: Detector) -> _Loaded:
+    """Record ``position`` read and its proposals computed (in a reader thread); failures become reasons."""
+    from detector.io import load_image
 
-    def __init__(self, dataset: Dataset, positions: list[int], detector: Detector):
-        self.dataset, self.positions, self.detector = dataset, positions, detector
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i: int) -> _Loaded:
-        from detector.io import load_image
-
-        pos = self.positions[i]
-        record = self.dataset.records[pos]
-        try:
-            image = load_image(self.dataset.image_path(record))
-        except UserError as err:
-            return _Loaded(pos, None, None, str(err), 0.0)
-        except Exception as err:  # noqa: BLE001 - anything else a file can cause is recorded too
-            return _Loaded(pos, None, None, f"cannot read image: {type(err).__name__}: {err}", 0.0)
-        start = time.perf_counter()
-        try:
-            # proposals only (no clipping or device transfer here: that is Detector.propose, in the main process)
-            proposals = self.detector._from_source(image, record.file_name)
-        except UserError as err:
-            return _Loaded(pos, None, None, f"proposals: {err}", 0.0)
-        return _Loaded(pos, image, proposals, "", time.perf_counter() - start)
+    record = dataset.records[position]
+    try:
+        image = load_image(dataset.image_path(record))
+    except UserError as err:
+        return _Loaded(position, None, None, str(err), 0.0)
+    except Exception as err:  # noqa: BLE001 - anything else a file can cause is recorded too
+        return _Loaded(position, None, None, f"cannot read image: {type(err).__name__}: {err}", 0.0)
+    start = time.perf_counter()
+    try:
+        # the proposal source only; clipping and the move to the device are Detector.propose's, later
+        proposals = detector._from_source(image, record.file_name)
+    except UserError as err:
+        return _Loaded(position, None, None, f"proposals: {err}", 0.0)
+    return _Loaded(position, image, proposals, "", time.perf_counter() - start)
 
 
-def _init_worker(_: int) -> None:
-    import cv2
+def read_ahead(dataset: Dataset, positions: Sequence[int], detector: Detector, workers: int) -> Iterator[_Loaded]:
+    """The records at ``positions``, read (with their proposals) by ``workers`` threads, in order.
 
-    torch.set_num_threads(1)  # one process per core; no nested threading
-    cv2.setNumThreads(1)
-
-
-def _keep(item):
-    return item
+    Threads, not processes: JPEG decoding and most proposal work release the GIL, nothing is pickled, and
+    forking a process whose OpenCV thread pool is running can deadlock the child. At most ``2 * workers``
+    images wait in memory. ``workers == 0`` reads in the calling thread.
+    """
+    if workers == 0:
+        yield from (_read(dataset, p, detector) for p in positions)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="reader")
+    window: deque = deque()
+    try:
+        for p in positions:
+            window.append(pool.submit(_read, dataset, p, detector))
+            if len(window) > 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for future in window:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def run_detection(detector: Detector, dataset: Dataset, parts_dir: str | os.PathLike, config: RunConfig,
@@ -339,9 +342,6 @@ def run_detection(detector: Detector, dataset: Dataset, parts_dir: str | os.Path
     report = RunReport(total=sum(len(dataset.records[c * size:(c + 1) * size]) for c in mine))
     positions = [p for c in todo for p in range(c * size, min(len(dataset), (c + 1) * size))]
     report.skipped = report.total - len(positions)
-    loader = torch.utils.data.DataLoader(_ImageSource(dataset, positions, detector), batch_size=None,
-                                         num_workers=config.workers if len(positions) > 1 else 0,
-                                         collate_fn=_keep, worker_init_fn=_init_worker)
     batched = BatchedDetector(detector)
     results: dict[int, tuple[str, Detections | None, str]] = {}
     proposal_seconds = 0.0
@@ -353,7 +353,7 @@ def run_detection(detector: Detector, dataset: Dataset, parts_dir: str | os.Path
             results[pos] = (dataset.records[pos].file_name, replace(dets, labels=mapping[dets.labels]), "")
             bar.update(1)
 
-    for item in loader:
+    for item in read_ahead(dataset, positions, detector, config.workers):
         if item.error:
             results[item.position] = (dataset.records[item.position].file_name, None, item.error)
             report.failures[dataset.records[item.position].file_name] = item.error

@@ -94,7 +94,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="network precision")
     g.add_argument("--batch-size", type=int, default=64, help="regions per forward pass, across images (default 64)")
     g.add_argument("--workers", type=int, default=1,
-                   help="processes reading images and computing proposals (default 1; 0: in the main process)")
+                   help="threads reading images and computing proposals (default 1; 0: in the main thread)")
     g.add_argument("--chunk-size", type=int, default=32, help="images per atomic part file (default 32)")
     g.add_argument("--shard", help="K/N: detect shard K of N (default: RANK/WORLD_SIZE under torchrun, else all)")
 

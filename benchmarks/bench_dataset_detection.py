@@ -1,0 +1,175 @@
+"""Dataset-scale detection throughput, side by side in one run, and the time the full 20,121-image
+ILSVRC 2014 DET val set would take:
+
+  per-image   ``Detector(image, proposals)`` one image after another (what tools/detect.py does)
+  batched     :class:`detector.batch.BatchedDetector`: the network's batches filled across images
+  runner      :func:`detector.dataset_runner.run_detection` from a proposal store: batched, images read
+              by ``--workers`` threads, atomic part files (what ``benchmark_map.py --model`` does)
+  runner+ss   the runner computing fast Selective Search on the fly in ``--workers`` threads
+              (``--with-ss``; Selective Search then dominates)
+
+    python benchmarks/bench_dataset_detection.py [--model PATH|default] [--size 112] [--proposals 300]
+        [--images 6] [--batch-size 64] [--precision auto] [--threads 1] [--workers 1] [--with-ss]
+        [--repeats 2] [--json OUT]
+
+Images are chess/test photos (2048x1371; only Selective Search's cost depends on the size, and it works
+at 500 px whatever the input). Proposals (except for runner+ss) are random boxes of realistic sizes, the
+same for every mode: the network's cost does not depend on where they are. Without --model a random
+200-class classifier of --size is used (speed does not depend on the weights; class biases are drawn so
+that a realistic number of (region, class) pairs pass the 0.05 threshold). Times are medians over
+--repeats runs after one warm-up, modes alternating so that load changes hit all alike; CPU seconds
+(all threads of this process) are printed beside them, since on a shared machine they say
+what an idle one would take with one thread. The last line
+extrapolates the batched crops/s to the paper's setting (about 2,000 proposals per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.batch import detect_images
+from detector.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.classifier import ClassifierConfig, RegionClassifier
+from detector.data.records import Dataset, ImageRecord
+from detector.dataset_runner import RunConfig, claim_parts_folder, run_detection, run_settings
+from detector.io import load_image
+from detector.pipeline import Detector, default_model
+from detector.vocab import ilsvrc_det_vocabulary
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHESS_TEST = PROJECT_ROOT.parent / "shared" / "data" / "chess" / "test"
+ILSVRC_VAL_IMAGES = 20121  # lines of the devkit's data/det_lists/val.txt
+PAPER_PROPOSALS = 2000  # Selective Search (quality) + 200 MultiBox boxes per image, roughly
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", help="checkpoint, or 'default' for the installed default model "
+                   "(default: a random 200-class classifier of --size)")
+    p.add_argument("--size", type=int, default=112, help="input size of the random classifier (default 112)")
+    p.add_argument("--proposals", type=int, default=300, help="proposals per image (default 300)")
+    p.add_argument("--images", type=int, default=6, help="chess/test photos to detect (default 6)")
+    p.add_argument("--batch-size", type=int, default=64, help="regions per forward pass (default 64)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="reader threads of the runner (default 1)")
+    p.add_argument("--with-ss", action="store_true", help="also time the runner with Selective Search on the fly")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per mode after one warm-up (default 2)")
+    p.add_argument("--json", help="write the table as JSON here")
+    return p.parse_args(argv)
+
+
+def random_model(folder: Path, size: int) -> Path:
+    vocab = ilsvrc_det_vocabulary()
+    torch.manual_seed(0)
+    config = ClassifierConfig(num_classes=vocab.num_classes, input_size=size)
+    model = RegionClassifier(config)
+    with torch.no_grad():
+        for module in model.modules():  # activations of a realistic scale (the default init makes them vanish)
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        model.cls_score.weight.mul_(0.01)
+        model.cls_score.bias.normal_(0, 2.0)  # a few classes per region above 0.05, as a trained model
+    path = folder / f"random_{size}"
+    save_checkpoint(path, model.state_dict(), make_checkpoint_config(config, vocab))
+    return path
+
+
+def random_boxes(image_size: tuple[int, int], num: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 ``(num, 4)`` xyxy boxes, sides 5-60% of the image's."""
+    h, w = image_size
+    xy = rng.uniform(0, 0.9, (num, 2)) * [w, h]
+    wh = rng.uniform(0.05, 0.6, (num, 2)) * [w, h]
+    return np.concatenate([xy, np.minimum(xy + wh, [w, h])], 1).astype(np.float32)
+
+
+def median_times(fns: dict, repeats: int) -> dict:
+    """Mode -> (median wall seconds, median CPU seconds); on a shared machine the CPU time is what an idle
+    one would take (with one thread), the wall time what this one took."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_dataset_"))
+    if args.model == "default":
+        model = default_model()
+        if model is None:
+            sys.exit("no default model is installed yet; pass --model PATH or leave --model out")
+    else:
+        model = Path(args.model) if args.model else random_model(work, args.size)
+    files = sorted(CHESS_TEST.glob("*.jpg"))[: args.images]
+    records = [ImageRecord(image_id=i, file_name=f.name) for i, f in enumerate(files)]
+    detector = Detector.from_checkpoint(model, device=args.device, precision=args.precision,
+                                        batch_size=args.batch_size, max_proposals=args.proposals)
+    images = [load_image(f) for f in files]
+    rng = np.random.default_rng(0)
+    boxes = [random_boxes(im.shape[:2], args.proposals, rng) for im in images]
+    store = {f.name: b for f, b in zip(files, boxes)}  # a mapping serves as the runner's proposal store
+    dataset = Dataset(records=records, vocab=detector.vocabulary, image_root=CHESS_TEST, name="chess-test")
+    runs = iter(range(1 << 30))
+
+    def runner(source):
+        def run():
+            detector.proposals = type(detector.proposals)(source, {}, args.proposals)
+            out = claim_parts_folder(work / f"parts{next(runs)}", run_settings([model], detector, dataset, 8))
+            run_detection(detector, dataset, out, RunConfig(chunk_size=8, workers=args.workers), progress=False)
+        return run
+
+    modes = {
+        "per-image": lambda: [detector(im, proposals=b) for im, b in zip(images, boxes)],
+        "batched": lambda: detect_images(detector, images, boxes),
+        "runner": runner(store),
+    }
+    if args.with_ss:
+        modes["runner+ss"] = runner("ss-fast")
+    seconds = median_times(modes, args.repeats)
+    crops = len(files) * args.proposals * len(detector.models)
+    cfg = detector.models[0].config
+    print(f"{len(files)} images, {args.proposals} proposals each, input {cfg.input_size} px, "
+          f"{detector.vocabulary.num_classes} classes, {detector.dtype}, batch {args.batch_size}, "
+          f"{args.threads} torch thread(s), {args.workers} reader worker(s), device {detector.device}")
+    print(f"{'mode':<11} {'s/image':>8} {'CPU s/image':>11} {'images/s':>9} {'crops/s':>8} "
+          f"{'ILSVRC val (20,121 images)':>27}")
+    rows = []
+    for name, (wall, cpu) in seconds.items():
+        per_image, cpu_per_image = wall / len(files), cpu / len(files)
+        val_hours = ILSVRC_VAL_IMAGES * per_image / 3600
+        rate = crops / wall if name != "runner+ss" else None
+        rows.append({"mode": name, "seconds_per_image": per_image, "cpu_seconds_per_image": cpu_per_image,
+                     "images_per_second": 1 / per_image, "crops_per_second": rate, "ilsvrc_val_hours": val_hours})
+        rate_text = f"{rate:8.1f}" if rate else f"{'-':>8}"
+        print(f"{name:<11} {per_image:8.3f} {cpu_per_image:11.3f} {1 / per_image:9.3f} {rate_text} {val_hours:25.1f} h")
+    batched_rate = crops / seconds["batched"][0]
+    paper_hours = ILSVRC_VAL_IMAGES * PAPER_PROPOSALS * len(detector.models) / batched_rate / 3600
+    print(f"extrapolated: {PAPER_PROPOSALS} proposals per image at the batched {batched_rate:.1f} crops/s: "
+          f"{PAPER_PROPOSALS * len(detector.models) / batched_rate:.1f} s/image, ILSVRC val in {paper_hours:.1f} h "
+          "(proposals precomputed)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args) | {"model": str(model)}, "rows": rows,
+                                               "paper_extrapolation_hours": paper_hours}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
