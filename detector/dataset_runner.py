@@ -296,6 +296,8 @@ def _read(dataset: Dataset, position: int, detector: Detector) -> _Loaded:
         proposals = detector._from_source(image, record.file_name)
     except UserError as err:
         return _Loaded(position, None, None, f"proposals: {err}", 0.0)
+    except Exception as err:  # noqa: BLE001 - one odd image must not end a 20,000-image run; it is listed
+        return _Loaded(position, None, None, f"proposals failed: {type(err).__name__}: {err}", 0.0)
     return _Loaded(position, image, proposals, "", time.perf_counter() - start)
 
 
@@ -353,22 +355,22 @@ def run_detection(detector: Detector, dataset: Dataset, parts_dir: str | os.Path
             results[pos] = (dataset.records[pos].file_name, replace(dets, labels=mapping[dets.labels]), "")
             bar.update(1)
 
-    for item in read_ahead(dataset, positions, detector, config.workers):
-        if item.error:
-            results[item.position] = (dataset.records[item.position].file_name, None, item.error)
-            report.failures[dataset.records[item.position].file_name] = item.error
-            bar.update(1)
-            bar.set_postfix(failed=len(report.failures))
-        else:
-            proposal_seconds += item.seconds
-            keep(batched.submit(item.position, item.image, item.proposals, proposal_seconds=item.seconds))
-        chunk = item.position // size
-        if item.position == min(len(dataset), (chunk + 1) * size) - 1:  # the chunk's last image
-            keep(batched.flush())
-            rows = range(chunk * size, item.position + 1)
-            write_chunk(chunk_path(parts_dir, chunk), [(p, *results.pop(p)) for p in rows])
-            report.done += len(rows)
-    bar.close()
+    with bar:
+        for item in read_ahead(dataset, positions, detector, config.workers):
+            if item.error:
+                results[item.position] = (dataset.records[item.position].file_name, None, item.error)
+                report.failures[dataset.records[item.position].file_name] = item.error
+                bar.update(1)
+                bar.set_postfix(unreadable=len(report.failures))
+            else:
+                proposal_seconds += item.seconds
+                keep(batched.submit(item.position, item.image, item.proposals, proposal_seconds=item.seconds))
+            chunk = item.position // size
+            if item.position == min(len(dataset), (chunk + 1) * size) - 1:  # the chunk's last image
+                keep(batched.flush())
+                rows = range(chunk * size, item.position + 1)
+                write_chunk(chunk_path(parts_dir, chunk), [(p, *results.pop(p)) for p in rows])
+                report.done += len(rows)
     report.seconds = time.perf_counter() - start
     report.timings = {"proposals": proposal_seconds, **batched.timings}
     report.missing_chunks = missing_chunks(parts_dir, dataset, size)
