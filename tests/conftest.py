@@ -25,3 +25,11 @@ def devkit(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def chess(shared_data) -> Path:
     return shared_data / "chess"
+
+
+def pytest_configure(config):
+    # One torch thread: the suite runs on small CI machines (2 cores) where OpenMP threads that wait on
+    # each other make small models many times slower than a single thread.
+    import torch
+
+    torch.set_num_threads(1)
