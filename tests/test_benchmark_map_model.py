@@ -189,6 +189,18 @@ def test_ilsvrc_submission_scores_as_the_detections_in_memory(data, ilsvrc_run, 
         assert (out / name).stat().st_size > 100
 
 
+def test_ilsvrc_test_list_without_annotations_is_detection_only(data, ilsvrc_run, tmp_path, capsys):
+    argv = ilsvrc_argv(data, tmp_path)
+    for flag in ("--annotations", "--blacklist"):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    assert run_tool(main, argv) == 0
+    assert "nothing evaluated" in capsys.readouterr().out
+    assert (tmp_path / "ilsvrc_submission.txt").read_bytes() == (ilsvrc_run / "ilsvrc_submission.txt").read_bytes()
+    assert not (tmp_path / "evaluation.json").exists()
+    assert json.loads((tmp_path / "run_summary.json").read_text())["unreadable"] == 1
+
+
 def test_tool_detections_are_the_detectors_own(data, ilsvrc_run):
     """The parts hold what Detector returns for each image on its own (labels mapped to the dataset's)."""
     from proposals import ProposalStore

@@ -24,6 +24,8 @@ the installed default model), write the dataset's result file, then evaluate it 
         --image-list FILE --annotations DIR [--meta FILE] [--blacklist FILE] --out DIR [--proposals METHOD|STORE]
     python tools/benchmark_map.py --model PATH --dataset voc --annotations VOC_ROOT [--split test] --out DIR
     python tools/benchmark_map.py --model PATH --dataset coco --annotations INSTANCES.json [--images DIR] --out DIR
+  Without --annotations (--dataset ilsvrc only, e.g. the test list) the submission file is written and
+  nothing is evaluated.
   --out receives ilsvrc_submission.txt (ILSVRC; 1-based inclusive), coco_results.json (COCO) or
   voc_detections.txt (VOC), evaluation.json, per_class.txt, pr_curves.png, ap_per_class.png,
   run_summary.json (images/s, unreadable images and why) and parts/ (the resumable chunks).
@@ -53,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (model mode: default --dataset)")
     p.add_argument("--predictions", type=Path,
                    help="detections file (ILSVRC submission lines, VOC lines, or a COCO results JSON)")
-    p.add_argument("--annotations", type=Path, required=True,
-                   help="ILSVRC: folder of XML files; VOC: dataset root; COCO: instances JSON")
+    p.add_argument("--annotations", type=Path,
+                   help="ILSVRC: folder of XML files; VOC: dataset root; COCO: instances JSON (with --model "
+                        "--dataset ilsvrc it may be left out: detection only, e.g. for the test set)")
     p.add_argument("--gt-format", choices=PROTOCOLS, help="ground-truth format (default: the protocol's own)")
     g = p.add_argument_group("ILSVRC")
     g.add_argument("--image-list", type=Path, help="val.txt-style list '<image name> <image id>'")
@@ -107,21 +110,39 @@ def load_ground_truth(args):
     if fmt == "ilsvrc":
         if args.image_list is None:
             raise UserError("--image-list is required for ILSVRC ground truth (e.g. data/det_lists/val.txt)")
-        vocab = None
-        if args.meta is not None:
-            from detector.vocab import read_meta_det
-
-            if not args.meta.is_file():
-                raise UserError(f"{args.meta}: meta file not found")
-            try:
-                vocab = read_meta_det(args.meta)
-            except (ValueError, OSError, KeyError) as err:
-                raise UserError(f"{args.meta}: not a devkit meta_det.mat ({err})") from None
-        return read_ilsvrc_det(args.image_list, args.annotations, vocab=vocab, blacklist=args.blacklist,
-                               progress=not args.quiet)
+        return read_ilsvrc_det(args.image_list, args.annotations, vocab=ilsvrc_vocabulary(args),
+                               blacklist=args.blacklist, progress=not args.quiet)
     if fmt == "voc":
         return read_voc(args.annotations, args.split)
     return read_coco(args.annotations, image_root=args.image_root)
+
+
+def ilsvrc_vocabulary(args):
+    """The classes of ``--meta`` (a devkit meta_det.mat), or None for the shipped 200 DET classes."""
+    if args.meta is None:
+        return None
+    from detector.vocab import read_meta_det
+
+    if not args.meta.is_file():
+        raise UserError(f"{args.meta}: meta file not found")
+    try:
+        return read_meta_det(args.meta)
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(f"{args.meta}: not a devkit meta_det.mat ({err})") from None
+
+
+def listed_images(args):
+    """The images of ``--image-list`` without ground truth (an ILSVRC test list): detection only."""
+    from detector.data.ilsvrc import read_image_list
+    from detector.data.records import Dataset, ImageRecord
+    from detector.vocab import ilsvrc_det_vocabulary
+
+    if args.image_list is None:
+        raise UserError("--image-list is required for --dataset ilsvrc (e.g. data/det_lists/test.txt)")
+    records = [ImageRecord(image_id=image_id, file_name=f"{name}.JPEG")
+               for name, image_id in read_image_list(args.image_list)]
+    return Dataset(records=records, vocab=ilsvrc_vocabulary(args) or ilsvrc_det_vocabulary(),
+                   image_root=args.images, name=args.image_list.name)
 
 
 def load_predictions(args, dataset):
@@ -224,7 +245,9 @@ def detect_dataset(args):
     torchrun = args.shard is None and world > 1  # rank 0 waits for the others, merges and evaluates
     device = pick_device("auto", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "auto" else args.device
     paths = model_paths(args.model)
-    dataset = load_ground_truth(args)
+    if args.annotations is None and args.dataset != "ilsvrc":
+        raise UserError(f"--annotations is required for --dataset {args.dataset}")
+    dataset = load_ground_truth(args) if args.annotations is not None else listed_images(args)
     if args.images is not None and args.dataset != "coco":
         dataset.image_root = args.images
     detector = load_detector(paths, device=device, precision=args.precision, batch_size=args.batch_size,
@@ -265,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                         + (", not both" if args.model else ""))
     if args.model is not None:
         return model_mode(args)
-    if args.protocol is None:
-        raise UserError("--protocol is required with --predictions (ilsvrc, voc or coco)")
+    if args.protocol is None or args.annotations is None:
+        raise UserError("--protocol and --annotations are required with --predictions")
     with show_warnings():
         dataset = load_ground_truth(args)
         detections = load_predictions(args, dataset)
@@ -281,6 +304,10 @@ def model_mode(args) -> int:
     with show_warnings():
         path, dataset, summary = detect_dataset(args)
         if path is None:
+            return 0
+        if args.annotations is None:  # a test list: the result file is the product
+            write_atomic(args.out / "run_summary.json", lambda f: json.dump(summary, f, indent=1))
+            print("no --annotations: detection only, nothing evaluated")
             return 0
         args.predictions = path
         result = evaluate(args, dataset, load_predictions(args, dataset))
