@@ -11,16 +11,6 @@ from detector.classifier import ClassifierConfig, RegionClassifier, load_backbon
 from detector.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small networks run fastest on one thread, and on a busy machine OpenMP's spinning threads can
-    make two threads 10-30x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_config_round_trip_and_defaults():
     config = ClassifierConfig(num_classes=12, input_size=112)
     assert config.context == 8  # R-CNN's 16 px at 224 scaled to 112

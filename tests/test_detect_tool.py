@@ -19,16 +19,6 @@ from detector.data import read_coco
 from detector.draw import class_colour, draw_detections
 from detector.pipeline import Detections
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small networks run fastest on one thread, and on a busy machine OpenMP's spinning threads can
-    make two threads 10-30x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOOL = PROJECT_ROOT / "tools" / "detect.py"
 spec = importlib.util.spec_from_file_location("detect_tool", TOOL)

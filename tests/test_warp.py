@@ -17,16 +17,6 @@ from detector.warp import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small networks run fastest on one thread, and on a busy machine OpenMP's spinning threads can
-    make two threads 10-30x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def photo(chess):
     path = sorted((chess / "test").glob("*.jpg"))[0]
