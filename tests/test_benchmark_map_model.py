@@ -8,6 +8,8 @@ here (never shipped) with zero box regression, so detections sit exactly on the 
 no threshold, so every (proposal, class) pair is a detection. The proposals (a store made here): each
 ground-truth box, and copies shifted by about a third of its size, whose devkit IoU with it is right at
 the 0.5 threshold, so a one-pixel slip in a coordinate conversion changes which detections match.
+Runs compared byte for byte use the same torch thread count (one, set in conftest.py; torchrun's ranks
+get OMP_NUM_THREADS=1): oneDNN's reductions differ in the last bits between thread counts.
 """
 
 from __future__ import annotations
@@ -40,16 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = (0, 4, 23)  # chess/test images with 14, 7 and 8 pieces
 LIST_IDS = (205, 17, 3, 42)  # made-up ILSVRC image ids, not in list order; 42 is the unreadable image
 DET_IDS = tuple(range(7, 200, 15))[:13]  # the 13 ILSVRC DET classes the 13 chess classes are mapped onto
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread for every run here (torchrun's ranks too): results are bit-identical only between runs
-    with the same thread count, and on a busy 2-core machine two threads run the network slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

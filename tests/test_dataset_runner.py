@@ -36,15 +36,6 @@ from detector.vocab import Vocabulary, ilsvrc_det_vocabulary
 RECORDS = (1, 3, 4, 10)  # chess/test photos with 1, 1, 7 and 1 pieces
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bit-identical results need the same thread count in every run compared; one is also fastest here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_checkpoint(path, vocab, seed, input_size=64):
     """Random weights whose scores differ between regions (Kaiming-initialized convolutions keep the
     activations from vanishing); every (region, class) pair kept."""
