@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOOL = PROJECT_ROOT / "tools" / "train_detector.py"
@@ -70,6 +71,21 @@ def test_tiny_run_writes_a_loadable_detector_and_lists_corrupt_images(chess, tmp
     image = next((tmp_path / "val").glob("*.jpg"))
     detections = detector(str(image))
     assert detections.boxes.shape[1] == 4 and len(detections) <= 100
+
+    # the export for shipping drops the auxiliary classifiers, stores float16 and still loads
+    from safetensors.torch import load_file
+
+    export = subprocess.run([sys.executable, str(PROJECT_ROOT / "tools" / "export_detector.py"), str(out / "last"),
+                             str(tmp_path / "shipped"), "--note", "test_ap50=0.5"], capture_output=True, text=True,
+                            cwd=PROJECT_ROOT, timeout=300)
+    assert export.returncode == 0, export.stderr[-2000:]
+    shipped = load_file(tmp_path / "shipped.safetensors")
+    assert not any(k.startswith("trunk.aux") for k in shipped)
+    assert {v.dtype for v in shipped.values() if v.is_floating_point()} == {torch.float16}
+    shipped_config = json.loads((tmp_path / "shipped.json").read_text())
+    assert shipped_config["training"]["test_ap50"] == 0.5 and shipped_config["classifier"]["aux_logits"] is False
+    again_detections = Detector.from_checkpoint(tmp_path / "shipped", device="cpu")(str(image))
+    assert again_detections.boxes.shape[1] == 4 and len(again_detections) <= 100
 
     # resuming with another configuration is refused with one line
     again = run_tool("--train", train, "--out", out, "--resume", out, *TINY, "--input-size", "64")
