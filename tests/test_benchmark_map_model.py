@@ -273,7 +273,7 @@ def test_resume_after_an_interrupted_run_equals_the_uninterrupted_run(data, ilsv
         assert (out / name).read_bytes() == (ilsvrc_run / name).read_bytes()
 
 
-@pytest.mark.slow  # two processes importing torch: ~35 s on the busy 2-core machine
+@pytest.mark.slow  # two processes importing torch: 7 s on the idle 2-core machine, 25-35 s when busy
 def test_torchrun_two_ranks_merge_to_the_single_run(data, ilsvrc_run, tmp_path):
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
