@@ -17,16 +17,21 @@ from detector.errors import UserError
 from detector.vocab import Vocabulary
 
 
+def read_json_file(path: str | Path, what: str):
+    """The parsed JSON of ``path``; a missing or malformed file is a :class:`UserError` naming ``what``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+
+
 def load_coco_json(json_path: str | Path) -> dict:
     """The parsed JSON; a missing or malformed file, or missing top-level keys, is a :class:`UserError`."""
     json_path = Path(json_path)
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{json_path}: COCO annotation file not found") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{json_path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    data = read_json_file(json_path, "COCO annotation file")
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
         raise UserError(f"{json_path}: expected a COCO instances file with 'images', 'annotations' and "
                         "'categories'")

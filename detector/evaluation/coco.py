@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.boxes import coco_to_xyxy, xyxy_to_coco
-from detector.data.coco import coco_vocabulary, load_coco_json
+from detector.data.coco import coco_vocabulary, load_coco_json, read_json_file
 from detector.data.records import Dataset
 from detector.errors import UserError
 from detector.evaluation.detections import unpack
@@ -84,13 +84,7 @@ def write_coco_results(path: str | Path, detections: Mapping, dataset: Dataset) 
 
 
 def _load_results(path: Path) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: COCO results file not found") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    results = read_json_file(path, "COCO results file")
     if not isinstance(results, list):
         raise UserError(f"{path}: expected a COCO results list [{{'image_id', 'category_id', 'bbox', 'score'}}, ...]")
     for n, r in enumerate(results):
