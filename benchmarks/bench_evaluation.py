@@ -51,51 +51,14 @@ def val2_end_to_end():
 
 
 def loop_reference(ds, rows: np.ndarray) -> float:
-    """The devkit's eval_detection.m loops, transcribed to plain Python (no blacklist entries on val2)."""
+    """mAP by the devkit's eval_detection.m loops, transcribed to plain Python (the shared reference)."""
     from detector.boxes import xyxy_to_voc
-    from detector.evaluation.ap import average_precision, precision_recall
+    from detector.evaluation.reference import reference_ilsvrc
 
-    listed = {r.image_id: r for r in ds.records}
-    by_image: dict[int, list] = {}
-    for row in rows.tolist():
-        if int(row[0]) in listed:
-            by_image.setdefault(int(row[0]), []).append(row)
-    positives = np.zeros(NUM_CLASSES + 1, int)
-    ranked = []
-    for image_id in sorted(listed):
-        rec = listed[image_id]
-        gts = xyxy_to_voc(rec.gt_boxes.astype(np.float64)).tolist()
-        labels = rec.gt_labels.tolist()
-        for lab in labels:
-            positives[lab] += 1
-        thr = []
-        for g in gts:
-            w, h = g[2] - g[0] + 1, g[3] - g[1] + 1
-            thr.append(min(0.5, w * h / ((w + 10) * (h + 10))))
-        detected = [False] * len(gts)
-        for row in sorted(by_image.get(image_id, []), key=lambda r: -r[2]):
-            lab, box = int(row[1]), row[3:]
-            best, kbest = -np.inf, -1
-            for k, g in enumerate(gts):
-                if labels[k] != lab or detected[k]:
-                    continue
-                iw = min(box[2], g[2]) - max(box[0], g[0]) + 1
-                ih = min(box[3], g[3]) - max(box[1], g[1]) + 1
-                if iw > 0 and ih > 0:
-                    ua = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - iw * ih
-                    ov = iw * ih / ua
-                    if ov >= thr[k] and ov > best:
-                        best, kbest = ov, k
-            if kbest >= 0:
-                detected[kbest] = True
-            ranked.append((row[2], lab, kbest >= 0))
-    ranked.sort(key=lambda d: -d[0])
-    aps = []
-    for c in range(1, NUM_CLASSES + 1):
-        if positives[c]:
-            tp = np.array([t for _, lab, t in ranked if lab == c], dtype=bool)
-            aps.append(average_precision(*precision_recall(tp, positives[c])))
-    return float(np.mean(aps))
+    images = {r.image_id: list(zip(r.gt_labels.tolist(), xyxy_to_voc(r.gt_boxes.astype(np.float64)).tolist()))
+              for r in ds.records}
+    preds = [(int(r[0]), int(r[1]), r[2], r[3:]) for r in rows.tolist() if int(r[0]) in images]
+    return float(np.mean(list(reference_ilsvrc(images, preds, set(ds.blacklist), NUM_CLASSES).values())))
 
 
 def bench_val2(repeats: int) -> list[tuple]:

@@ -11,8 +11,8 @@ import pytest
 from detector.boxes import voc_to_xyxy
 from detector.data import Dataset, IlsvrcDataset, ImageRecord, read_ilsvrc_det
 from detector.evaluation import evaluate_ilsvrc, read_ilsvrc_predictions, write_ilsvrc_submission
-from detector.evaluation.ap import average_precision, precision_recall
 from detector.evaluation.ilsvrc import inclusive_iou, object_thresholds
+from detector.evaluation.reference import reference_ilsvrc
 from detector.vocab import Vocabulary, read_meta_det
 
 VOCAB3 = Vocabulary(ids=(1, 2, 3), names=("a", "b", "c"), wnids=("n1", "n2", "n3"))
@@ -148,51 +148,6 @@ def test_detections_on_unlisted_images_are_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="dropped 1"):
         r = evaluate_ilsvrc(ds, dets((9, 1, 0.9, [1, 1, 100, 100]), (1, 1, 0.5, [1, 1, 100, 100])))
     assert r.ap[1] == 1.0 and r.num_predictions == 1
-
-
-# --- a literal transcription of the rules, as a reference ------------------------------------------
-
-def reference_ilsvrc(images: dict, rows: list, blacklist: set, num_classes: int) -> dict:
-    """Slow, loop-by-loop ILSVRC evaluation (the readme's rules, in file coordinates)."""
-    per_image_tp = {}
-    positives = np.zeros(num_classes + 1, int)
-    for image_id in sorted(images):
-        objs = images[image_id]
-        for lab, _ in objs:
-            if (image_id, lab) not in blacklist:
-                positives[lab] += 1
-        mine = [(i, r) for i, r in enumerate(rows) if r[0] == image_id]
-        mine.sort(key=lambda ir: -ir[1][2])  # stable: ties keep file order
-        detected = [False] * len(objs)
-        out = []
-        for _, (_, lab, score, box) in mine:
-            if (image_id, lab) in blacklist:
-                continue
-            best, best_k = -np.inf, -1
-            for k, (glab, g) in enumerate(objs):
-                if glab != lab or detected[k]:
-                    continue
-                iw = min(box[2], g[2]) - max(box[0], g[0]) + 1
-                ih = min(box[3], g[3]) - max(box[1], g[1]) + 1
-                if iw > 0 and ih > 0:
-                    ua = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - iw * ih
-                    ov = iw * ih / ua
-                    w, h = g[2] - g[0] + 1, g[3] - g[1] + 1
-                    thr = min(0.5, w * h / ((w + 10) * (h + 10)))
-                    if ov >= thr and ov > best:
-                        best, best_k = ov, k
-            if best_k >= 0:
-                detected[best_k] = True
-            out.append((score, lab, best_k >= 0))
-        per_image_tp[image_id] = out
-    ranked = [d for image_id in sorted(images) for d in per_image_tp[image_id]]
-    ranked.sort(key=lambda d: -d[0])
-    aps = {}
-    for c in range(1, num_classes + 1):
-        if positives[c] > 0:
-            tp = np.array([t for _, lab, t in ranked if lab == c], dtype=bool)
-            aps[c] = average_precision(*precision_recall(tp, positives[c]))
-    return aps
 
 
 @pytest.mark.parametrize("seed", range(6))
