@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.io import load_image
+from detector.base.vocab import ilsvrc_det_vocabulary
 from detector.batch import detect_images
-from detector.checkpoint import make_checkpoint_config, save_checkpoint
 from detector.classifier import ClassifierConfig, RegionClassifier
 from detector.data.records import Dataset, ImageRecord
 from detector.dataset_runner import RunConfig, claim_parts_folder, run_detection, run_settings
-from detector.io import load_image
 from detector.pipeline import Detector, default_model
-from detector.vocab import ilsvrc_det_vocabulary
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHESS_TEST = PROJECT_ROOT.parent / "shared" / "data" / "chess" / "test"

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.io import load_image
+from detector.base.vocab import ilsvrc_det_vocabulary
 from detector.classifier import ClassifierConfig, RegionClassifier
-from detector.io import load_image
 from detector.pipeline import Detector
-from detector.vocab import ilsvrc_det_vocabulary
 from detector.warp import default_context, warp_regions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -33,14 +33,25 @@ NUM_IMAGES = 20_121
 NUM_CLASSES = 200
 
 
+def load_test_oracle():
+    """``tests/ilsvrc_reference.py``, the loop-by-loop oracle the tests check the evaluator against; it lives
+    with the tests (it is not part of the library), so it is loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ilsvrc_reference", ROOT / "tests" / "ilsvrc_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
 def val2_end_to_end():
+    from detector.base.vocab import read_meta_det
     from detector.data import read_ilsvrc_det
     from detector.evaluation import evaluate_ilsvrc
-    from detector.vocab import read_meta_det
 
     vocab = read_meta_det(DEVKIT / "data" / "meta_det.mat")
     ds = read_ilsvrc_det(DEVKIT / "ilsvrc13_val2" / "val2_in_val_ids.txt", DEVKIT / "ilsvrc13_val2" / "Annotations",
@@ -52,9 +63,9 @@ def val2_end_to_end():
 
 def loop_reference(ds, rows: np.ndarray) -> float:
     """mAP by the devkit's eval_detection.m loops, transcribed to plain Python (the shared reference)."""
-    from detector.boxes import xyxy_to_voc
-    from detector.evaluation.reference import reference_ilsvrc
+    from detector.base.boxes import xyxy_to_voc
 
+    reference_ilsvrc = load_test_oracle().reference_ilsvrc
     images = {r.image_id: list(zip(r.gt_labels.tolist(), xyxy_to_voc(r.gt_boxes.astype(np.float64)).tolist()))
               for r in ds.records}
     preds = [(int(r[0]), int(r[1]), r[2], r[3:]) for r in rows.tolist() if int(r[0]) in images]
@@ -120,9 +131,9 @@ def make_synthetic(num_predictions: int, seed: int = 0):
 
 
 def synthetic_dataset(gt):
-    from detector.boxes import voc_to_xyxy
+    from detector.base.boxes import voc_to_xyxy
+    from detector.base.vocab import ilsvrc_det_vocabulary
     from detector.data import Dataset, ImageRecord
-    from detector.vocab import ilsvrc_det_vocabulary
 
     boxes = voc_to_xyxy(gt["gt_boxes"]).astype(np.float32)
     splits = np.cumsum(gt["counts"])[:-1]
@@ -134,7 +145,7 @@ def synthetic_dataset(gt):
 def worker(mode: str, folder: Path) -> None:
     """Child process: evaluate the synthetic case from ``folder`` and print a JSON line."""
     import detector.evaluation  # noqa: F401  (imports not timed)
-    from detector.boxes import voc_to_xyxy
+    from detector.base.boxes import voc_to_xyxy
     from detector.evaluation import evaluate_ilsvrc
 
     data = np.load(folder / "gt.npz")

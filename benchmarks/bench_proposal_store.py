@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.cli import run_tool
+from detector.base.cli import run_tool
 from proposals.precompute import PrecomputeConfig, list_folder, precompute
 from proposals.store import ImageProposals, ProposalStore, write_part
 

@@ -25,9 +25,9 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import cv2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from detector.cli import run_tool  # noqa: E402
+from detector.base.cli import run_tool  # noqa: E402
+from detector.base.io import load_image  # noqa: E402
 from detector.data import read_coco  # noqa: E402
-from detector.io import load_image  # noqa: E402
 from proposals.recall import RecallAccumulator, evaluation_boxes, plot_recall  # noqa: E402
 from proposals.selective_search import selective_search  # noqa: E402
 

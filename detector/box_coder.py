@@ -8,7 +8,7 @@ appendix C)::
 The targets are divided by their typical spread ``(0.1, 0.1, 0.2, 0.2)`` so that all four have roughly
 unit variance; :class:`BoxCoder` stores the inverse, ``weights = (10, 10, 5, 5)``, and multiplies.
 
-Boxes are the project's convention (:mod:`detector.boxes`): ``xyxy`` in continuous pixels, so a width
+Boxes are the project's convention (:mod:`detector.base.boxes`): ``xyxy`` in continuous pixels, so a width
 is ``x2 - x1`` (no "+1").
 """
 
@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 import torch
+
+from detector.base.defaults import BOX_CODER_WEIGHTS
 
 # Largest allowed dw, dh after un-weighting: a box may grow at most 1000/16 = 62.5 times per side in
 # one step, which keeps exp() finite for any network output.
@@ -40,7 +42,7 @@ class BoxCoder:
     Both methods take numpy arrays or tensors and return the same kind.
     """
 
-    def __init__(self, weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+    def __init__(self, weights: tuple[float, float, float, float] = BOX_CODER_WEIGHTS,
                  scale_clamp: float = DEFAULT_SCALE_CLAMP):
         if len(weights) != 4 or any(w <= 0 for w in weights):
             raise ValueError(f"BoxCoder weights must be 4 positive numbers, got {weights!r}")
@@ -80,7 +82,7 @@ class BoxCoder:
             class, as the classifier's ``box_deltas``).
         proposals: float ``(N, 4)`` xyxy, pixels.
         Returns: float32 ``(N, 4 * K)`` xyxy boxes, pixels, not clipped (see
-            :func:`detector.boxes.clip_boxes`).
+            :func:`detector.base.boxes.clip_boxes`).
         """
         d, d_np = _as_tensor(deltas)
         p, _ = _as_tensor(proposals)

@@ -28,8 +28,11 @@ import torch
 from torch import nn
 from torchvision.models import GoogLeNet_Weights, googlenet
 
-from detector.errors import UserError
-from detector.warp import IMAGENET_MEAN, IMAGENET_STD, context_scale, default_context
+from detector.base.checkpoint import checkpoint_section, load_checkpoint
+from detector.base.defaults import IMAGENET_MEAN, IMAGENET_STD
+from detector.base.errors import UserError
+from detector.base.vocab import Vocabulary
+from detector.warp import context_scale, default_context
 
 FEATURE_DIM = 1024  # GoogLeNet's pooled feature after inception 5b
 MIN_INPUT_SIZE = 32  # below this the trunk's feature map vanishes (five stride-2 stages)
@@ -144,6 +147,9 @@ class RegionClassifier(nn.Module):
         return pooled, tuple(a for a in (aux1, aux2) if a is not None)
 
     def forward(self, crops: torch.Tensor) -> RegionOutputs:
+        weight_dtype = self.cls_score.weight.dtype
+        if crops.dtype != weight_dtype:  # fp32 crops into bf16 weights (see prepare_for_inference)
+            crops = crops.to(weight_dtype)
         pooled, aux = self.features(crops)
         pooled = self.dropout(pooled)
         return RegionOutputs(self.cls_score(pooled), self.bbox_pred(pooled), aux)
@@ -154,6 +160,33 @@ class RegionClassifier(nn.Module):
         self.trunk.aux2 = None
         self.trunk.aux_logits = False
         return self
+
+
+def prepare_for_inference(model: RegionClassifier, device: str | torch.device = "cpu", *,
+                          dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                          compile: bool = False, compile_mode: str | None = None,
+                          compile_backend: str = "inductor") -> nn.Module:
+    """Make ``model`` ready for fast inference, in place; returns what to call (``model`` or its compiled form).
+
+    - eval mode, without the auxiliary classifiers, on ``device``;
+    - dtype: the weights' dtype. ``torch.bfloat16`` casts the weights themselves (not only autocast's
+      per-op casts): half the memory traffic, no cast per call. Crops of another dtype are cast to it
+      on entry; outputs come in this dtype (take ``.float()`` before a softmax).
+    - channels_last: the convolutions' weights in NHWC (feed NHWC crops:
+      ``crops.contiguous(memory_format=torch.channels_last)``), what oneDNN and cuDNN run fastest.
+    - compile: wrap in ``torch.compile`` (``compile_mode``: its ``mode``, e.g. ``"max-autotune"``;
+      ``compile_backend``: its ``backend``). The first call compiles (a minute or more on a CPU), and a
+      new batch shape may compile again: feed batches of one size. The wrapper forwards attribute
+      reads (``.config``) to ``model``; keep the state dict of ``model``, not of the wrapper.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    model.drop_aux().eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device=device, dtype=dtype, memory_format=memory_format)
+    if not compile:
+        return model
+    return torch.compile(model, mode=compile_mode, backend=compile_backend)
 
 
 def _torchvision_cache_file() -> Path:
@@ -229,3 +262,44 @@ def load_backbone_weights(model: RegionClassifier, spec: str | os.PathLike) -> i
                       "ClassifierConfig(transform_input=True) to feed them what they were trained on",
                       stacklevel=2)
     return len(usable)
+
+
+def build_classifier_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                                     drop_aux: bool = True) -> tuple[RegionClassifier, dict]:
+    """``(RegionClassifier in eval mode, config dict)`` from a checkpoint (:mod:`detector.base.checkpoint`).
+
+    drop_aux: leave out the auxiliary classifiers (inference never uses them).
+    Raises :class:`UserError` if the files are missing or corrupt, the config is incomplete, or the
+    tensors do not fit the architecture the config describes.
+    """
+    state_dict, config = load_checkpoint(path)
+    try:
+        classifier_config = ClassifierConfig.from_dict(checkpoint_section(config, "classifier", path))
+        vocabulary = Vocabulary.from_dict(checkpoint_section(config, "classes", path))
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"checkpoint '{path}': invalid config ({err}); restore the original .json") from None
+    if vocabulary.num_classes != classifier_config.num_classes:
+        raise UserError(f"checkpoint '{path}': config lists {vocabulary.num_classes} classes but the "
+                        f"classifier has {classifier_config.num_classes}; restore the original .json")
+    model = RegionClassifier(classifier_config)
+    if drop_aux:
+        model.drop_aux()
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("trunk.aux1.", "trunk.aux2."))}
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(wanted))
+    mismatched = sorted(k for k in set(wanted) & set(state_dict) if wanted[k].shape != state_dict[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(state_dict[k].shape)} in the file, "
+                         f"{tuple(wanted[k].shape)} expected)")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise UserError(f"checkpoint '{path}': its tensors do not fit its config ({'; '.join(parts)}); the "
+                        ".safetensors and .json files must come from the same save")
+    model.load_state_dict(state_dict)
+    return model.to(device).eval(), config

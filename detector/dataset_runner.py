@@ -41,14 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.base.checkpoint import checkpoint_paths
+from detector.base.errors import UserError
+from detector.base.files import atomic_open, atomic_write
+from detector.base.io import load_image
+from detector.base.vocab import Vocabulary
 from detector.batch import BatchedDetector
-from detector.checkpoint import _atomic_write as atomic_write  # tmp file beside the target, then os.replace
-from detector.checkpoint import checkpoint_paths
 from detector.data.records import Dataset
-from detector.errors import UserError
-from detector.evaluation.submission import write_atomic
+from detector.evaluation.coco import write_coco_results
+from detector.evaluation.submission import write_ilsvrc_submission
+from detector.evaluation.voc import write_voc_detections
 from detector.pipeline import Detections, Detector
-from detector.vocab import Vocabulary
 
 PARTS_FORMAT = "googlenet-detection-parts"
 PARTS_VERSION = 1
@@ -168,7 +171,7 @@ def claim_parts_folder(parts_dir: str | os.PathLike, settings: dict) -> Path:
             raise UserError(f"{parts_dir}: holds detections made with other settings ({', '.join(changed)}); "
                             "use another --out, or delete that folder to start over")
     else:
-        write_atomic(manifest, lambda f: f.write(text))
+        atomic_write(manifest, text)
     return parts_dir
 
 
@@ -200,11 +203,8 @@ def write_chunk(path: Path, results: list[tuple[int, str, Detections | None, str
         "labels": np.concatenate([d.labels for d in dets]).astype(np.int64) if dets else np.zeros(0, np.int64),
     }
 
-    def save(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, save)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def read_chunk(path: Path, dataset: Dataset) -> list[tuple[int, tuple | None, str]]:
@@ -281,8 +281,6 @@ class _Loaded:
 
 def _read(dataset: Dataset, position: int, detector: Detector) -> _Loaded:
     """Record ``position`` read and its proposals computed (in a reader thread); failures become reasons."""
-    from detector.io import load_image
-
     record = dataset.records[position]
     try:
         image = load_image(dataset.image_path(record))
@@ -405,29 +403,8 @@ def write_results(parts_dir: str | os.PathLike, dataset: Dataset, chunk_size: in
     """Merge a complete parts folder and write the dataset's result file into ``out_dir``:
     ``ilsvrc_submission.txt`` (``"ilsvrc"``), ``coco_results.json`` (``"coco"``) or ``voc_detections.txt``
     (``"voc"``). Returns the file, its number of detections, and the merged detections."""
-    from detector.evaluation import write_coco_results, write_ilsvrc_submission
-
     writers = {"ilsvrc": write_ilsvrc_submission, "coco": write_coco_results, "voc": write_voc_detections}
     merged = collect_parts(parts_dir, dataset, chunk_size)
     path = Path(out_dir) / RESULT_FILES[result_format]
     count = writers[result_format](path, merged.detections, dataset)
     return path, count, merged
-
-
-def write_voc_detections(path: str | os.PathLike, detections: dict, dataset: Dataset) -> int:
-    """Write ``<image id> <class id> <confidence> <xmin> <ymin> <xmax> <ymax>`` lines (1-based inclusive, the
-    format :func:`detector.evaluation.read_voc_predictions` reads), in record order; returns the line count."""
-    from detector.boxes import xyxy_to_voc
-
-    ids = np.asarray(dataset.vocab.ids)
-    lines = []
-    for record in dataset.records:
-        if record.image_id not in detections:
-            continue
-        boxes, scores, labels = detections[record.image_id]
-        voc = xyxy_to_voc(np.asarray(boxes, np.float64))  # project xyxy -> 1-based inclusive
-        lines += [f"{record.image_id} {cid} {s!r} {b[0]!r} {b[1]!r} {b[2]!r} {b[3]!r}\n"
-                  for cid, s, b in zip(ids[np.asarray(labels) - 1].tolist(), np.asarray(scores, np.float64).tolist(),
-                                       voc.tolist())]
-    write_atomic(path, lambda f: f.writelines(lines))
-    return len(lines)

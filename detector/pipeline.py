@@ -20,22 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import clip_boxes_to_image
 
+from detector.base.checkpoint import checkpoint_paths
+from detector.base.defaults import BOX_CODER_WEIGHTS, MAX_PROPOSALS, PRECISIONS, PROPOSAL_METHOD
+from detector.base.errors import UserError
+from detector.base.io import load_image
+from detector.base.vocab import Vocabulary
 from detector.box_coder import BoxCoder
-from detector.boxes import clip_boxes
-from detector.checkpoint import build_classifier_from_checkpoint, checkpoint_paths
-from detector.classifier import ClassifierConfig, RegionClassifier
-from detector.errors import UserError
-from detector.io import load_image
+from detector.classifier import ClassifierConfig, RegionClassifier, build_classifier_from_checkpoint
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.vocab import Vocabulary
 from detector.warp import image_pyramid, warp_pyramid
+from proposals.propose import propose
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resources" / "default_detector"
 NO_DEFAULT_MODEL = ("no model is installed: the default model (detector/resources/default_detector"
                     ".safetensors + .json) has not been trained yet; train one with tools/train_detector.py "
                     "and pass it with --model PATH")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,13 @@ class ProposalSettings:
     max_proposals: use at most this many (the first, i.e. best, ones), >= 1.
     """
 
-    source: object = "ss-fast"
+    source: object = PROPOSAL_METHOD
     options: dict = field(default_factory=dict)
-    max_proposals: int = 2000
+    max_proposals: int = MAX_PROPOSALS
+
+    def __post_init__(self):
+        if self.max_proposals < 1:  # 0 or less is an error, never "use the default"
+            raise UserError(f"max proposals must be >= 1, got {self.max_proposals}")
 
 
 class StageClock:
@@ -202,12 +207,13 @@ class Detector:
         built = [build_classifier_from_checkpoint(p, device=dev) for p in paths]
         models, configs = [m for m, _ in built], [c for _, c in built]
         vocabulary = Vocabulary.from_dict(_same_setting(configs, "classes", paths))
-        coder = _same_setting(configs, "box_coder", paths) or {"weights": [10.0, 10.0, 5.0, 5.0]}
+        coder = _same_setting(configs, "box_coder", paths) or {"weights": list(BOX_CODER_WEIGHTS)}
         proposal_config = configs[0].get("proposals") or {}
         settings = ProposalSettings(
-            source=proposals if proposals is not None else proposal_config.get("method", "ss-fast"),
+            source=proposals if proposals is not None else proposal_config.get("method", PROPOSAL_METHOD),
             options=proposal_options if proposal_options is not None else proposal_config.get("options", {}),
-            max_proposals=max_proposals or proposal_config.get("max_proposals", 2000))
+            max_proposals=(max_proposals if max_proposals is not None
+                           else proposal_config.get("max_proposals", MAX_PROPOSALS)))
         try:
             post = PostprocessConfig.from_dict(configs[0].get("postprocess") or {})
             overrides = {k: v for k, v in (("score_threshold", score_threshold), ("nms_iou", nms_iou),
@@ -215,8 +221,6 @@ class Detector:
             post = replace(post, **overrides)
         except (TypeError, ValueError) as err:
             raise UserError(f"post-processing settings: {err}") from None
-        if settings.max_proposals < 1:
-            raise UserError(f"max proposals must be >= 1, got {settings.max_proposals}")
         return cls(models, vocabulary, settings, post, BoxCoder(tuple(coder["weights"])), dev, precision,
                    batch_size)
 
@@ -246,14 +250,12 @@ class Detector:
         if isinstance(proposals, tuple):  # (boxes, scores) from a store or method
             proposals = proposals[0]
         boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
-        boxes = clip_boxes(boxes[: self.proposals.max_proposals], image.shape[:2])
+        boxes = clip_boxes_to_image(boxes[: self.proposals.max_proposals], image.shape[:2])
         return boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])].to(self.device)
 
     def _from_source(self, image: np.ndarray, image_name: str | None):
         source = self.proposals.source
         if isinstance(source, str):
-            from proposals import propose
-
             try:
                 return propose(image, method=source, **self.proposals.options)
             except ValueError as err:

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from detector.boxes import clip_boxes
+from detector.base.defaults import MAX_DETECTIONS, NMS_IOU, SCORE_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,9 @@ class PostprocessConfig:
     max_detections: at most this many detections per image (all classes together), >= 1.
     """
 
-    score_threshold: float = 0.05
-    nms_iou: float = 0.3
-    max_detections: int = 100
+    score_threshold: float = SCORE_THRESHOLD
+    nms_iou: float = NMS_IOU
+    max_detections: int = MAX_DETECTIONS
 
     def __post_init__(self):
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -82,7 +82,7 @@ def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size
     scores = class_probs[:, 1:].float()
     region, cls = torch.nonzero(scores >= config.score_threshold, as_tuple=True)
     cand_scores = scores[region, cls]
-    cand_boxes = clip_boxes(boxes[region, cls], image_size)
+    cand_boxes = clip_boxes_to_image(boxes[region, cls], tuple(image_size))
     has_area = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
     cand_boxes, cand_scores, cand_labels = cand_boxes[has_area], cand_scores[has_area], cls[has_area] + 1
     keep = batched_nms(cand_boxes, cand_scores, cand_labels, config.nms_iou)[:config.max_detections]

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from detector.base.defaults import IMAGENET_MEAN, IMAGENET_STD
 
 
 def default_context(output_size: int) -> int:

@@ -4,10 +4,48 @@
 - :func:`propose`: one entry point for every method (``"ss-fast"``, ``"ss-quality"``, ...).
 - :class:`ProposalStore` (``proposals/store.py``): precomputed proposals on disk,
   ``store[image_name] -> (boxes, scores or None)``; written by ``tools/precompute_proposals.py``.
+
+The names are loaded on first use (PEP 562): Selective Search compiles with numba and MultiBox needs
+torch, and neither should be paid for by a module that only reads a store.
 """
 
-from proposals.propose import METHODS, propose
-from proposals.selective_search import selective_search
-from proposals.store import ProposalStore
+from __future__ import annotations
 
-__all__ = ["METHODS", "ProposalStore", "propose", "selective_search"]
+import importlib
+import sys
+import types
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "METHODS": "proposals.propose",
+    "propose": "proposals.propose",
+    "selective_search": "proposals.selective_search",
+    "ProposalStore": "proposals.store",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'proposals' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+class _Face(types.ModuleType):
+    """This package, refusing the submodules ``propose`` and ``selective_search`` as attributes: importing
+    them would otherwise make ``proposals.propose`` the module instead of the function of the same name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable as sys.modules["proposals.<name>"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face

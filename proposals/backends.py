@@ -14,7 +14,10 @@ Both run at the same working size as the native code (longest side ``max_side``)
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+
+from proposals.working_image import as_rgb, resize_to, working_size
 
 BACKENDS = ("native", "opencv", "selectivesearch")
 
@@ -33,11 +36,7 @@ def _xywh_to_input(xywh: np.ndarray, working: tuple[int, int], image_size: tuple
 def opencv_selective_search(image: np.ndarray, mode: str = "fast", *, max_side: int | None = 500,
                             superpixel_scale: float = 1.0, min_size: int = 0, sigma: float = 0.8) -> np.ndarray:
     """OpenCV's Selective Search (threads as set by ``cv2.setNumThreads``)."""
-    import cv2
-
-    from proposals.selective_search import _as_rgb, resize_to, working_size
-
-    rgb = _as_rgb(image)
+    rgb = as_rgb(image)
     size = working_size(rgb.shape[:2], max_side)
     bgr = np.ascontiguousarray(resize_to(rgb, size)[:, :, ::-1])
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
@@ -61,9 +60,7 @@ def package_selective_search(image: np.ndarray, mode: str = "fast", *, max_side:
 
     import selectivesearch
 
-    from proposals.selective_search import _as_rgb, resize_to, working_size
-
-    rgb = _as_rgb(image)
+    rgb = as_rgb(image)
     size = working_size(rgb.shape[:2], max_side)
     work = resize_to(rgb, size)
     with warnings.catch_warnings():

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from proposals.multibox import cached_multibox
+from proposals.selective_search import selective_search
+
 
 @dataclass(frozen=True)
 class GoogLeNetRecipe:
@@ -77,9 +80,6 @@ def googlenet_proposals(image: np.ndarray, recipe: GoogLeNetRecipe = GoogLeNetRe
     recipe's checkpoint, loaded once per process). ss_options: further Selective Search options.
     Returns float32 ``(N, 4)`` xyxy pixels: Selective Search's boxes, then MultiBox's.
     """
-    from proposals import selective_search
-    from proposals.multibox import cached_multibox
-
     ss = selective_search(image, mode=recipe.ss_mode, superpixel_scale=recipe.superpixel_scale, **ss_options)
     if recipe.multibox_top_k == 0:
         mb = np.zeros((0, 4), np.float32)

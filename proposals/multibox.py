@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import nms
+from torchvision.ops import box_convert, nms
 
-from detector.boxes import cxcywh_to_xyxy
-from detector.errors import UserError
-from detector.warp import IMAGENET_MEAN, IMAGENET_STD
+from detector.base.checkpoint import load_checkpoint, save_checkpoint
+from detector.base.defaults import IMAGENET_MEAN, IMAGENET_STD
+from detector.base.errors import UserError
 
 MODEL_KIND = "multibox"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resources" / "default_multibox.safetensors"
@@ -174,7 +174,7 @@ class MultiBox(nn.Module):
 
     def prior_boxes(self) -> torch.Tensor:
         """The priors as normalized xyxy, ``(K, 4)``."""
-        return cxcywh_to_xyxy(self.priors)
+        return box_convert(self.priors, "cxcywh", "xyxy")
 
     def forward(self, images: torch.Tensor) -> MultiBoxOutput:
         """images: float ``(B, 3, S, S)``, normalized. Returns boxes ``(B, K, 4)`` and logits ``(B, K)``."""
@@ -314,8 +314,6 @@ def save_multibox(path: str | Path, model: MultiBox, half: bool = False, extra: 
     half: store floating-point weights as float16 (loading returns them to float32); the priors stay
     float32.
     """
-    from detector.checkpoint import save_checkpoint
-
     state = {}
     for name, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
@@ -327,8 +325,6 @@ def save_multibox(path: str | Path, model: MultiBox, half: bool = False, extra: 
 
 def load_multibox(path: str | Path | None = None, device: str | torch.device = "cpu") -> MultiBox:
     """A MultiBox from a checkpoint (``NAME.safetensors`` or ``NAME.json``); None loads the shipped model."""
-    from detector.checkpoint import load_checkpoint
-
     path = DEFAULT_MODEL if path is None else Path(path)
     state, config_dict = load_checkpoint(path)
     if config_dict.get("kind") != MODEL_KIND:

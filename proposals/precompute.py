@@ -9,11 +9,18 @@ merged give the same store (byte for byte) as one run.
 
 An image that cannot be read or processed is recorded in the store with its reason and the run
 goes on; :class:`PrecomputeReport` lists them.
+
+A run first cleans up after killed runs and damage: temporary files no live writer holds are removed,
+every part is verified (:func:`proposals.store.verify`) and a damaged one is set aside as
+``<name>.damaged`` so that its images are done again. The store's settings are written once, in
+``store.json``, created exclusively by the first run: a run with other settings is refused, even
+when it starts at the same moment; chunk names carry a digest of the settings and the names too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import time
@@ -23,9 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.errors import UserError
-from proposals.store import ImageProposals, ProposalStore, compact, encode_boxes, write_part
+from detector.base.errors import UserError
+from detector.base.files import create_temporary
+from detector.base.io import load_image
+from proposals.propose import propose
+from proposals.store import (
+    ImageProposals,
+    ProposalStore,
+    clean_temporary,
+    compact,
+    encode_boxes,
+    set_aside_damaged,
+    write_part,
+)
 
+SETTINGS_FILE = "store.json"  # the settings of the proposals in a store folder, written once
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 LIST_EXTENSIONS = (".JPEG", ".jpg", ".jpeg", ".png", ".JPG", ".PNG")
 
@@ -65,6 +84,8 @@ class PrecomputeReport:
     seconds: float = 0.0
     complete: bool = False
     failures: dict[str, str] = field(default_factory=dict)
+    set_aside: dict[str, str] = field(default_factory=dict)  # damaged part, renamed -> what was wrong
+    cleaned: int = 0  # temporary files of killed runs removed
 
     @property
     def images_per_second(self) -> float:
@@ -133,9 +154,6 @@ def _init_worker() -> None:
 
 def process_image(task: tuple[int, ImageEntry, str, dict]) -> tuple[int, ImageProposals]:
     """Worker: load one image and propose; any failure becomes a recorded reason."""
-    from detector.io import load_image
-    from proposals.propose import propose
-
     index, entry, method, options = task
     try:
         image = load_image(_resolve(entry.path))
@@ -169,9 +187,41 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int]:
     return (k, n)
 
 
-def _chunk_name(chunk: int, names: Sequence[str]) -> str:
-    tag = hashlib.blake2b("\n".join(names).encode(), digest_size=4).hexdigest()
+def _chunk_name(chunk: int, names: Sequence[str], meta: dict) -> str:
+    """``chunk-<c>-<tag>.pstore``, the tag a digest of the settings and the names: runs with other
+    settings or another list never write the same name."""
+    text = json.dumps(meta, sort_keys=True) + "\n" + "\n".join(names)
+    tag = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
     return f"chunk-{chunk:07d}-{tag}.pstore"
+
+
+def claim_store(out: Path, meta: dict) -> None:
+    """Record ``meta`` in ``out/store.json`` if no run has yet (atomically and exclusively: of two runs
+    starting together, one writes it and the other compares), else refuse other settings."""
+    wanted = json.loads(json.dumps(meta))
+    settings = out / SETTINGS_FILE
+    if not settings.exists():
+        fd, tmp = create_temporary(out, ".store.", ".tmp.json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"format": "proposal-store", "meta": wanted}, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, settings)  # fails if another run's is there: never overwritten
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise UserError(f"{settings}: cannot write ({err.strerror or err}); check the folder and rerun") from None
+        finally:
+            os.unlink(tmp)
+    try:
+        with open(settings, encoding="utf-8") as f:
+            held = json.load(f)["meta"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise UserError(f"{settings}: unreadable store settings; if the store's parts are right, delete this file "
+                        "and rerun (it is written again from this run's settings)") from None
+    if held != wanted:
+        raise UserError(f"{out}: holds proposals made with {held}, not {wanted}; use another --out")
 
 
 def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: PrecomputeConfig,
@@ -185,18 +235,25 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; --out names a store folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out}: cannot create the store folder ({err.strerror or err}); check the path") from None
     meta = config.meta()
+    cleaned = len(clean_temporary(out))  # left by killed runs (a compaction's is as large as the store)
+    set_aside = {str(path): reason for path, reason in set_aside_damaged(out).items()}
     existing = ProposalStore(out)
-    if existing.parts and existing.meta != meta:
+    if existing.parts and existing.meta != json.loads(json.dumps(meta)):
         raise UserError(f"{out}: holds proposals made with {existing.meta}, not {meta}; use another --out")
+    claim_store(out, meta)
     finished = set(existing.names())
     if not config.retry_failed:
         finished |= set(existing.failures)
     k, n = config.shard
     size = max(1, int(config.chunk_size))
     mine = [c for c in range(-(-len(entries) // size)) if c % n == k]
-    report = PrecomputeReport(total=sum(len(entries[c * size:(c + 1) * size]) for c in mine))
+    report = PrecomputeReport(total=sum(len(entries[c * size:(c + 1) * size]) for c in mine),
+                              set_aside=set_aside, cleaned=cleaned)
     todo: dict[int, list[int]] = {}
     for c in mine:
         left = [i for i in range(c * size, min(len(entries), (c + 1) * size)) if entries[i].name not in finished]
@@ -216,7 +273,7 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
         if len(pending[c]) == len(todo[c]):
             results = pending.pop(c)
             done = [results[i] for i in todo[c]]
-            write_part(out / _chunk_name(c, [e.name for e in done]), done, meta)
+            write_part(out / _chunk_name(c, [e.name for e in done], meta), done, meta)
         report.done += 1
         if result.error is not None:
             report.failures[result.name] = result.error

@@ -14,15 +14,15 @@ comes from ``numpy.random.default_rng(seed)``, so a seed gives the same priors o
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_normalized
+from detector.base.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_normalized
+from detector.base.errors import UserError
+from detector.base.files import atomic_write
 from detector.data.records import ImageRecord
-from detector.errors import UserError
 
 PRIORS_FORMAT = "googlenet-detection/multibox-priors"
 _CHUNK = 4096  # rows of the (N, K) IoU matrix computed at once, to bound memory on ILSVRC-sized sets
@@ -131,14 +131,10 @@ def mean_best_iou(boxes: np.ndarray, priors: np.ndarray) -> float:
 
 def save_priors(path: str | Path, priors: np.ndarray, info: dict | None = None) -> None:
     """Write priors as JSON: ``{"format": ..., "priors": [[cx, cy, w, h], ...], **info}`` (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = {"format": PRIORS_FORMAT, "num_priors": int(len(priors)), **(info or {})}
     rows = [json.dumps([round(float(v), 7) for v in row]) for row in np.asarray(priors).reshape(-1, 4)]
     text = json.dumps(head, indent=1)[:-2] + ',\n "priors": [\n  ' + ",\n  ".join(rows) + "\n ]\n}\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def load_priors(path: str | Path) -> np.ndarray:

@@ -14,9 +14,14 @@ Methods:
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 
-METHODS = ("ss-fast", "ss-quality", "ss-single", "multibox", "googlenet")
+from detector.base.defaults import PROPOSAL_METHODS
+from proposals.selective_search import selective_search
+
+METHODS = PROPOSAL_METHODS
 SS_ONLY_OPTIONS = ("backend", "max_side", "superpixel_scale", "min_size", "max_boxes", "seed", "sigma")
 
 
@@ -26,10 +31,9 @@ def propose(image: np.ndarray, method: str = "ss-fast", **options) -> np.ndarray
     Returns float32 ``(N, 4)`` xyxy boxes in pixels of ``image``, best first.
     """
     if method in ("ss-fast", "ss-quality", "ss-single"):
-        from proposals.selective_search import selective_search
-
         return selective_search(image, mode=method[3:], **options)
     if method == "multibox":
+        # torch (~4 s to import) only for the methods that use it, not for Selective Search
         from proposals.multibox import cached_multibox
 
         model = options.pop("model", None)
@@ -39,9 +43,7 @@ def propose(image: np.ndarray, method: str = "ss-fast", **options) -> np.ndarray
         net = cached_multibox(None if model is None else str(model), str(device))
         return net.propose([image], **options)[0][0]
     if method == "googlenet":
-        from dataclasses import fields
-
-        from proposals.merge import GoogLeNetRecipe, googlenet_proposals
+        from proposals.merge import GoogLeNetRecipe, googlenet_proposals  # torch, as above
 
         names = {f.name for f in fields(GoogLeNetRecipe)}
         recipe = GoogLeNetRecipe(**{k: options.pop(k) for k in list(options) if k in names})

@@ -8,7 +8,7 @@ proposals?", 2015):
 - MABO here: the mean over ground-truth boxes of the best overlap (the paper's ABO of all
   objects; its per-class mean is not used because proposals are class-agnostic).
 
-IoU is on the project's continuous boxes (:func:`detector.boxes.box_iou`).
+IoU is on the project's continuous boxes (:func:`detector.base.boxes.box_iou`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from detector.boxes import box_iou
+from detector.base.boxes import box_iou
+from detector.base.files import atomic_path
+from detector.base.io import load_image
+from proposals.propose import propose
+from proposals.store import ProposalStore
 
 DEFAULT_COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -117,10 +121,6 @@ def evaluate(dataset, specs: list[MethodSpec], max_images: int | None = None, pr
 
     from tqdm import tqdm
 
-    from detector.io import load_image
-    from proposals.propose import propose
-    from proposals.store import ProposalStore
-
     records = dataset.records[:max_images] if max_images else dataset.records
     stores = {s.label: ProposalStore(s.store) for s in specs if s.store is not None}
     acc = {s.label: RecallAccumulator() for s in specs}
@@ -186,5 +186,6 @@ def plot_recall(results: dict, path: str, title: str = "") -> None:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from numba import njit
 
+from detector.base.defaults import MAX_PROPOSALS
 from proposals import colour
+from proposals.backends import run_backend
 from proposals.segmentation import segment_scales
+from proposals.working_image import as_rgb, resize_to, working_size
 
 # Default cap on boxes per image: fast mode keeps the 2000 best-ranked (the budget R-CNN-style
 # detectors score per image); single mode stays below it anyway and quality mode exists to give more.
-MODE_MAX_BOXES = {"single": None, "fast": 2000, "quality": None}
+MODE_MAX_BOXES = {"single": None, "fast": MAX_PROPOSALS, "quality": None}
 SIMILARITIES = ("CTSF", "TSF", "F", "S")  # C colour, T texture, S size, F fill
 MODES = ("single", "fast", "quality")
 
@@ -321,37 +323,6 @@ _WEIGHTS = {"CTSF": (1.0, 1.0, 1.0, 1.0), "TSF": (0.0, 1.0, 1.0, 1.0), "F": (0.0
             "S": (0.0, 0.0, 1.0, 0.0)}
 
 
-def working_size(image_size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """``(h, w)`` of the working image: the longest side scaled to ``max_side`` (None: unchanged)."""
-    h, w = image_size
-    if max_side is None:
-        return h, w
-    scale = max_side / max(h, w)
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"selective_search: expected a uint8 image, got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"selective_search: expected an RGB image (H, W, 3), got shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
-
-
-def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize ``uint8 (H, W, C)`` to ``size = (h, w)``: area averaging down, bilinear up."""
-    h, w = image.shape[:2]
-    if (h, w) == tuple(size):
-        return image
-    shrink = size[0] * size[1] < h * w
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def hierarchies(image: np.ndarray, strategies, sigma: float = 0.8) -> list[np.ndarray]:
     """Every strategy's boxes in hierarchy order.
 
@@ -428,7 +399,7 @@ def search(image: np.ndarray, mode: str = "fast", *, max_side: int | None = 500,
 
     ``strategies`` (a sequence of :class:`Strategy`) overrides ``mode`` and ``superpixel_scale``.
     """
-    rgb = _as_rgb(image)
+    rgb = as_rgb(image)
     if max_side is not None and not 1 <= max_side <= 65535:
         raise ValueError(f"max_side must be in [1, 65535], got {max_side}")
     size = working_size(rgb.shape[:2], max_side)
@@ -466,8 +437,6 @@ def selective_search(image: np.ndarray, mode: str = "fast", *, backend: str = "n
     Returns float32 ``(N, 4)`` xyxy boxes in pixels of the input image, best-ranked first.
     """
     if backend != "native":
-        from proposals.backends import run_backend
-
         boxes = run_backend(backend, image, mode, max_side=max_side, superpixel_scale=superpixel_scale,
                             min_size=min_size, sigma=sigma)
         cap = _max_boxes(max_boxes, mode)

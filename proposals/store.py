@@ -1,47 +1,72 @@
-"""Precomputed proposals on disk: compact, memory-mapped, safe to write from many processes.
+"""Precomputed proposals on disk: compact, memory-mapped, checksummed, safe to write from many processes.
 
 A *store* is a folder of *part* files (``*.pstore``); :class:`ProposalStore` opens all of them as
 one mapping ``image name -> (boxes, scores or None)``. A single part file can be opened too.
 
 A part file holds, for a set of images, every array in one file:
 
-- ``PSTORE01`` (8 bytes), the header length (uint64 little-endian), a JSON header (``meta``: the
-  method and options; ``arrays``: dtype, shape and byte offset of each array; ``failures``: image
-  name -> reason), then the arrays, each 64-byte aligned;
+- ``PSTORE02`` (8 bytes), the header length (uint64 little-endian), the header's blake2b-128 digest
+  (16 bytes), a JSON header (``meta``: the method and options; ``arrays``: dtype, shape and byte
+  offset of each array; ``failures``: image name -> reason; ``index``: blake2b-128 of the names,
+  sizes and offsets arrays), then the arrays, each 64-byte aligned;
 - ``names``: the image names, UTF-8, joined by newlines; ``sizes``: int32 ``(I, 2)`` image
   ``(h, w)``; ``offsets``: int64 ``(I + 1,)`` where image ``i``'s boxes are rows
-  ``offsets[i]:offsets[i+1]``; ``boxes``: uint16 ``(M, 4)``; optionally ``scores``: float16 ``(M,)``.
+  ``offsets[i]:offsets[i+1]``; ``boxes``: uint16 ``(M, 4)``; optionally ``scores``: float16 ``(M,)``;
+  ``crcs``: uint32 ``(I,)``, the CRC-32 of image ``i``'s box bytes followed by its score bytes.
 
 Boxes are stored as fractions of the image size in steps of 1/65535 (``x1 = q * w / 65535``): 8
 bytes per box (10 with scores), at most ``w / 131070`` pixels off (0.004 px on a 500-pixel side).
 Reading maps the file (``numpy.memmap``), so opening costs only the names index and a lookup
 touches only that image's rows.
 
-Writes are atomic: a part is written to a temporary file in the same folder, flushed, then renamed
-over its final name; readers never see a partial part. :func:`compact` merges a folder's parts into
-one (named by its content digest) and only then deletes the parts it read, so concurrent writers
-and compactions may leave overlapping parts for a while but never lose or corrupt an image.
+Nothing read is trusted: opening a part checks the layout against the file size, the header digest
+and the index digest (cheap: a few bytes per image), and every lookup checks that image's CRC, so a
+damaged part is a :class:`UserError` naming the file, never changed boxes or another image's boxes.
+:func:`verify` checks every image of a store (and a ``part-<digest>`` name against the file's
+digest). Parts of the first format (``PSTORE01``, no checksums) are still read, with the layout
+checks only.
+
+Writes are atomic: a part is written to a temporary file in the same folder (``.part.*.tmp``, locked
+while it is written), flushed, fsynced, then renamed over its final name; readers never see a partial
+part, and :func:`clean_temporary` removes what a killed writer left. :func:`compact` merges a
+folder's parts into one (named by its content digest) and only then deletes the parts it read, so
+concurrent writers and compactions may leave overlapping parts for a while but never lose or
+corrupt an image.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import struct
-import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from detector.errors import UserError
+from detector.base.errors import UserError
+from detector.base.files import create_temporary
 
-MAGIC = b"PSTORE01"
+try:
+    import fcntl
+except ImportError:  # not on Windows: temporary files are then never cleaned as stale
+    fcntl = None
+
+MAGIC = b"PSTORE02"
+MAGIC_V1 = b"PSTORE01"  # the first format: no checksums; read with the layout checks only
 SUFFIX = ".pstore"
 QUANT = 65535.0  # box coordinates are multiples of 1/QUANT of the image size
 _ALIGN = 64
+_TMP_PREFIX = ".part."
+_DTYPES = {"names": "|u1", "sizes": "<i4", "offsets": "<i8", "boxes": "<u2", "scores": "<f2", "crcs": "<u4"}
+_NDIM = {"names": 1, "sizes": 2, "offsets": 1, "boxes": 2, "scores": 1, "crcs": 1}
+REPAIR = ("rerun tools/precompute_proposals.py with the same --out (it sets damaged parts aside and redoes "
+          "their images), or delete the file and recompute")
 
 
 def encode_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
@@ -103,47 +128,57 @@ def _write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes,
     """Stream a part file: ``counts[i]`` boxes for image ``i``; ``boxes`` (and ``scores`` or None)
     are iterables of per-image arrays (memory-mapped slices are fine, they are read one at a time).
     Written to a temporary file in the target's folder, then renamed to ``target(digest)`` (digest:
-    blake2b of the file's bytes)."""
+    blake2b of the file's bytes). A write the system refuses (disk full, permissions) is a
+    :class:`UserError` naming the part; nothing is left behind."""
     counts = np.asarray(counts, np.int64).reshape(-1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
+    names_blob = ("\n".join(names)).encode("utf-8")
+    sizes = np.ascontiguousarray(sizes, np.int32).reshape(-1, 2)
+    crcs = np.zeros(len(names), np.uint32)  # filled while the boxes and scores stream by
     arrays = {
-        "names": (np.dtype(np.uint8), ("\n".join(names)).encode("utf-8")),
-        "sizes": (np.dtype(np.int32), np.ascontiguousarray(sizes, np.int32)),
+        "names": (np.dtype(np.uint8), names_blob),
+        "sizes": (np.dtype(np.int32), sizes),
         "offsets": (np.dtype(np.int64), offsets),
         "boxes": (np.dtype(np.uint16), boxes),
     }
     if scores is not None:
         arrays["scores"] = (np.dtype(np.float16), scores)
-    shapes = {"names": (len(arrays["names"][1]),), "sizes": (len(names), 2), "offsets": (len(offsets),),
-              "boxes": (total, 4), "scores": (total,)}
+    arrays["crcs"] = (np.dtype(np.uint32), crcs)
+    shapes = {"names": (len(names_blob),), "sizes": (len(names), 2), "offsets": (len(offsets),),
+              "boxes": (total, 4), "scores": (total,), "crcs": (len(names),)}
     layout, offset = {}, 0
     for key, (dtype, _) in arrays.items():
         offset = -(-offset // _ALIGN) * _ALIGN
         layout[key] = {"dtype": dtype.str, "shape": list(shapes[key]), "offset": offset}
         offset += int(np.prod(shapes[key])) * dtype.itemsize
-    header = json.dumps({"version": 1, "arrays": layout, "meta": meta, "failures": failures},
+    index = _digest16(names_blob, sizes.tobytes(), offsets.tobytes()).hex()
+    header = json.dumps({"version": 2, "arrays": layout, "meta": meta, "failures": failures, "index": index},
                         sort_keys=True).encode("utf-8")
-    start = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
-    folder = Path(target("0" * 16)).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part.", suffix=".tmp", dir=folder)
+    prefix = MAGIC + struct.pack("<Q", len(header)) + _digest16(header)
+    start = -(-(len(prefix) + len(header)) // _ALIGN) * _ALIGN
+    shown = Path(target("<digest>"))
+    folder = shown.parent
     digest = hashlib.blake2b(digest_size=8)
+    tmp = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _locked_temporary(folder)
         with os.fdopen(fd, "wb") as f:
             def put(data: bytes) -> None:
                 f.write(data)
                 digest.update(data)
 
-            put(MAGIC + struct.pack("<Q", len(header)) + header)
+            put(prefix + header)
             for key, (dtype, data) in arrays.items():
                 put(b"\0" * (start + layout[key]["offset"] - f.tell()))
                 if isinstance(data, (bytes, np.ndarray)):
                     put(bytes(data) if isinstance(data, bytes) else data.tobytes())
-                else:  # per-image arrays, gathered into batches of about 4 MB
+                else:  # per-image arrays, gathered into batches of about 4 MB; each image's CRC on the way
                     batch, held = [], 0
-                    for arr in data:
-                        batch.append(np.asarray(arr, dtype))
+                    for i, arr in enumerate(data):
+                        batch.append(np.ascontiguousarray(arr, dtype))
+                        crcs[i] = zlib.crc32(batch[-1].tobytes(), int(crcs[i]))
                         held += batch[-1].nbytes
                         if held >= 1 << 22:
                             put(np.concatenate(batch).tobytes())
@@ -154,53 +189,194 @@ def _write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes,
             os.fsync(f.fileno())
         final = Path(target(digest.hexdigest()))
         os.replace(tmp, final)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = err.strerror or str(err)
+        hint = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
+        raise UserError(f"{shown}: cannot write this proposal store part ({reason}); {hint} and rerun "
+                        "(finished parts are kept)") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return final
 
 
+def _digest16(*chunks: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.digest()
+
+
+def _locked_temporary(folder: Path) -> tuple[int, str]:
+    """A new ``.part.*.tmp`` in ``folder``, open for writing and locked (``flock``) for as long as it is
+    open, so :func:`clean_temporary` leaves it alone while it is written."""
+    while True:
+        fd, tmp = create_temporary(folder, _TMP_PREFIX, ".tmp")  # mode from the umask, like any file
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return fd, tmp
+        os.close(fd)  # a cleaner removed it between its creation and the lock: take another
+
+
+def clean_temporary(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary part files that killed writers left in ``folder`` (a compaction's can be as
+    large as the store); files that a live writer holds locked are kept. Returns the files removed."""
+    removed = []
+    if fcntl is None or not Path(folder).is_dir():
+        return removed
+    for path in sorted(Path(folder).glob(_TMP_PREFIX + "*.tmp")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()  # while locked: a writer that has just created it sees it gone and takes another
+            removed.append(path)
+        except OSError:  # locked by a live writer, or already gone
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+class DamagedPart(UserError):
+    """A part file whose content fails a check: ``path`` and ``reason``; the message says what to do."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: damaged proposal store part ({reason}); {REPAIR}")
+        self.path, self.reason = path, reason
+
+
 class Part:
-    """One part file, memory-mapped. ``names`` (list), ``sizes``, ``offsets``, ``boxes``, ``scores``
-    (or None), ``failures`` (dict name -> reason), ``meta``."""
+    """One part file, memory-mapped and checked before use (see the module docstring). ``names``
+    (list), ``sizes``, ``offsets``, ``boxes``, ``scores`` (or None), ``crcs`` (or None for the first
+    format), ``failures`` (dict name -> reason), ``meta``. A damaged file is a :class:`UserError`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            head = f.read(len(MAGIC) + 8)
-            if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
-                raise UserError(f"{self.path}: not a proposal store part (bad magic); remove it or pass a store")
-            (length,) = struct.unpack("<Q", head[len(MAGIC):])
+        with open(self.path, "rb") as f:  # one open file: every map is of the same file, even if renamed
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(len(MAGIC) + 8 + 16)
+            if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] not in (MAGIC, MAGIC_V1):
+                raise self._damaged("not a proposal store part, or its first bytes are damaged: bad magic")
+            self.version = 2 if head[: len(MAGIC)] == MAGIC else 1
+            (length,) = struct.unpack("<Q", head[len(MAGIC):len(MAGIC) + 8])
+            prefix = len(MAGIC) + 8 + (16 if self.version == 2 else 0)
+            if length > size - prefix:
+                raise self._damaged("the header runs past the end of the file: truncated or damaged")
+            f.seek(prefix)
+            raw = f.read(length)
+            if self.version == 2 and _digest16(raw) != head[len(MAGIC) + 8:prefix]:
+                raise self._damaged("header checksum mismatch")
             try:
-                header = json.loads(f.read(length).decode("utf-8"))
+                header = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                raise UserError(f"{self.path}: corrupt proposal store header; remove the file") from None
-        start = -(-(len(MAGIC) + 8 + length) // _ALIGN) * _ALIGN
-        self.meta = header.get("meta", {})
-        self.failures = dict(header.get("failures", {}))
-        size = self.path.stat().st_size
-        arrays = {}
-        for key, spec in header["arrays"].items():
-            dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            if start + spec["offset"] + nbytes > size:
-                raise UserError(f"{self.path}: truncated proposal store part; remove the file")
-            arrays[key] = (np.memmap(self.path, dtype=dtype, mode="r", offset=start + spec["offset"], shape=shape)
-                           if nbytes else np.zeros(shape, dtype))
+                raise self._damaged("unreadable header") from None
+            start = -(-(prefix + length) // _ALIGN) * _ALIGN
+            specs = self._check_layout(header, start, size)
+            arrays = {key: (np.memmap(f, dtype=dtype, mode="r", offset=start + offset, shape=shape)
+                            if int(np.prod(shape)) else np.zeros(shape, dtype))
+                      for key, (dtype, shape, offset) in specs.items()}
+        self.meta, self.failures = header.get("meta", {}), header.get("failures", {})
+        if not (isinstance(self.meta, dict) and isinstance(self.failures, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in self.failures.items())):
+            raise self._damaged("malformed meta or failures in the header")
         blob = bytes(arrays["names"])
-        self.names = blob.decode("utf-8").split("\n") if blob else []
-        self.sizes = arrays["sizes"]
-        self.offsets = np.asarray(arrays["offsets"])
+        self.sizes = np.array(arrays["sizes"])  # small, and copied: checked once, then immutable
+        self.offsets = np.array(arrays["offsets"])
+        if self.version == 2 and _digest16(blob, self.sizes.tobytes(), self.offsets.tobytes()).hex() != \
+                header.get("index"):
+            raise self._damaged("index checksum mismatch (names, sizes or offsets)")
+        try:
+            self.names = blob.decode("utf-8").split("\n") if blob else []
+        except UnicodeDecodeError:
+            raise self._damaged("the names are not UTF-8") from None
+        num_images, num_boxes = len(self.sizes), len(arrays["boxes"])
+        if (len(self.names) != num_images or len(set(self.names)) != num_images or "" in self.names
+                or set(self.names) & set(self.failures)):
+            raise self._damaged(f"{len(self.names)} names (some empty, repeated or failed) for {num_images} images")
+        if self.offsets[0] != 0 or self.offsets[-1] != num_boxes or (np.diff(self.offsets) < 0).any():
+            raise self._damaged("box offsets out of order or out of range")
+        if num_images and self.sizes.min() < 1:
+            raise self._damaged("an image size is not positive")
         self.boxes = arrays["boxes"]
         self.scores = arrays.get("scores")
+        self.crcs = np.array(arrays["crcs"]) if "crcs" in arrays else None
+
+    def _damaged(self, what: str) -> DamagedPart:
+        return DamagedPart(self.path, what)
+
+    def _check_layout(self, header, start: int, size: int) -> dict:
+        """The header's array table -> ``key -> (dtype, shape, offset)``, each checked: expected dtype
+        and rank, consistent shapes, inside the file and not overlapping."""
+        arrays = header.get("arrays") if isinstance(header, dict) else None
+        required = {"names", "sizes", "offsets", "boxes"} | ({"crcs"} if self.version == 2 else set())
+        if not isinstance(arrays, dict) or not required <= arrays.keys() <= set(_DTYPES):
+            raise self._damaged("malformed array table in the header")
+        specs = {}
+        for key, spec in arrays.items():
+            ok = isinstance(spec, dict) and spec.get("dtype") == _DTYPES[key]
+            shape, offset = (spec.get("shape"), spec.get("offset")) if ok else (None, None)
+            ok = ok and isinstance(shape, list) and len(shape) == _NDIM[key] and isinstance(offset, int)
+            ok = ok and offset >= 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            if not ok:
+                raise self._damaged(f"malformed entry for {key!r} in the header")
+            specs[key] = (np.dtype(_DTYPES[key]), tuple(shape), offset)
+        num_images, num_boxes = specs["sizes"][1][0], specs["boxes"][1][0]
+        expected = {"sizes": (num_images, 2), "offsets": (num_images + 1,), "boxes": (num_boxes, 4),
+                    "scores": (num_boxes,), "crcs": (num_images,)}
+        if any(key in expected and shape != expected[key] for key, (_, shape, _) in specs.items()):
+            raise self._damaged("array shapes do not agree with each other")
+        end = start
+        extents = sorted((offset, math.prod(shape) * dtype.itemsize) for dtype, shape, offset in specs.values())
+        for offset, nbytes in extents:
+            if nbytes and start + offset < end:
+                raise self._damaged("arrays overlap")
+            end = max(end, start + offset + nbytes)
+        if end > size:
+            raise self._damaged(f"truncated: the arrays need {end} bytes, the file has {size}")
+        return specs
+
+    def rows(self, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image ``row``'s uint16 boxes ``(N, 4)`` and float16 scores ``(N,)`` (or None), in memory,
+        after checking their CRC."""
+        lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
+        boxes = np.array(self.boxes[lo:hi])
+        scores = None if self.scores is None else np.array(self.scores[lo:hi])
+        if self.crcs is not None:
+            crc = zlib.crc32(boxes.tobytes())
+            if scores is not None:
+                crc = zlib.crc32(scores.tobytes(), crc)
+            if crc != int(self.crcs[row]):
+                raise self._damaged(f"checksum mismatch in the proposals of {self.names[row]!r}")
+        return boxes, scores
 
     def entry(self, row: int) -> ImageProposals:
-        """Row ``row`` as an :class:`ImageProposals` (uint16 boxes, in memory)."""
-        lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
-        scores = None if self.scores is None else np.array(self.scores[lo:hi])
-        return ImageProposals(self.names[row], tuple(int(v) for v in self.sizes[row]),
-                              np.array(self.boxes[lo:hi]), scores)
+        """Row ``row`` as an :class:`ImageProposals` (uint16 boxes, in memory, checked)."""
+        boxes, scores = self.rows(row)
+        return ImageProposals(self.names[row], tuple(int(v) for v in self.sizes[row]), boxes, scores)
+
+    def verify(self) -> bool:
+        """Check every image's CRC, and a ``part-<digest>`` name against the digest of the whole file.
+        Returns False for a part of the first format (no checksums: only its layout was checked);
+        a damaged part raises :class:`UserError`."""
+        for row in range(len(self.names)):
+            self.rows(row)
+        stem = self.path.name[: -len(SUFFIX)] if self.path.name.endswith(SUFFIX) else ""
+        if self.version == 2 and stem.startswith("part-") and len(stem) == 21:
+            digest = hashlib.blake2b(digest_size=8)
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            if digest.hexdigest() != stem[5:]:
+                raise self._damaged("the file's digest does not match its name")
+        return self.version == 2
 
 
 def part_files(path: str | os.PathLike) -> list[Path]:
@@ -286,10 +462,8 @@ class ProposalStore:
             raise KeyError(f"{name}: proposals failed in {self.path}: {self.failures[key]}")
         i, row = self._index[key]
         part = self.parts[i]
-        lo, hi = int(part.offsets[row]), int(part.offsets[row + 1])
-        boxes = decode_boxes(part.boxes[lo:hi], tuple(part.sizes[row]))
-        scores = None if part.scores is None else np.asarray(part.scores[lo:hi], np.float32)
-        return boxes, scores
+        boxes, scores = part.rows(row)  # checked against the image's CRC
+        return decode_boxes(boxes, tuple(part.sizes[row])), None if scores is None else scores.astype(np.float32)
 
     def image_size(self, name: str) -> tuple[int, int]:
         """``(h, w)`` of the image the proposals were computed on."""
@@ -346,14 +520,14 @@ def merge(sources: Iterable[str | os.PathLike], out_dir: str | os.PathLike, remo
     rows = [where[n] for n in names]
     sizes = np.array([parts[i].sizes[r] for i, r in rows], np.int32).reshape(-1, 2)
 
-    def boxes():
+    def boxes():  # each image checked against its CRC: a damaged source is refused, never copied
         for i, r in rows:
-            yield parts[i].boxes[parts[i].offsets[r]:parts[i].offsets[r + 1]]
+            yield parts[i].rows(r)[0]
 
     def scores():
         for i, r in rows:
             lo, hi = parts[i].offsets[r], parts[i].offsets[r + 1]
-            yield parts[i].scores[lo:hi] if parts[i].scores is not None else np.full(hi - lo, np.nan, np.float16)
+            yield parts[i].rows(r)[1] if parts[i].scores is not None else np.full(hi - lo, np.nan, np.float16)
 
     counts = [int(parts[i].offsets[r + 1] - parts[i].offsets[r]) for i, r in rows]
     with_scores = any(p.scores is not None for p in parts)
@@ -375,3 +549,51 @@ def compact(store_dir: str | os.PathLike) -> Path | None:
     if len(files) == 1 and files[0].name.startswith("part-"):
         return files[0]
     return merge([store_dir], store_dir, remove_sources=True)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found: parts and images checked, damaged parts (path -> reason), and parts of
+    the first format, whose content has no checksum (only their layout could be checked)."""
+
+    parts: int = 0
+    images: int = 0
+    damaged: dict[Path, str] = field(default_factory=dict)
+    unchecked: list[Path] = field(default_factory=list)
+
+
+def verify(path: str | os.PathLike) -> VerifyReport:
+    """Check every part of a store (a folder or one ``.pstore`` file) in full: layout, header and
+    index digests, every image's CRC, and a ``part-<digest>`` name. Damaged parts are listed, not raised."""
+    path = Path(path)
+    if not part_files(path) and not path.is_dir():
+        raise UserError(f"{path}: no proposal store here; check the path (a folder or a .pstore file)")
+    report = VerifyReport()
+    for f in part_files(path):
+        try:
+            part = Part(f)
+            checked = part.verify()
+        except FileNotFoundError:  # removed by a concurrent compaction; its content is in a newer part
+            continue
+        except DamagedPart as err:
+            report.damaged[f] = err.reason
+            continue
+        report.parts += 1
+        report.images += len(part.names) + len(part.failures)
+        if not checked:
+            report.unchecked.append(f)
+    return report
+
+
+def set_aside_damaged(store_dir: str | os.PathLike) -> dict[Path, str]:
+    """Verify a store folder and rename each damaged part to ``<name>.damaged`` (no longer part of the
+    store, kept for inspection; delete it at will). Returns ``{renamed file: reason}``."""
+    moved = {}
+    for f, reason in verify(store_dir).damaged.items():
+        aside = f.with_name(f.name + ".damaged")
+        try:
+            os.replace(f, aside)
+        except FileNotFoundError:  # a concurrent run set it aside first
+            continue
+        moved[aside] = reason
+    return moved

@@ -29,7 +29,11 @@ def chess(shared_data) -> Path:
 
 def pytest_configure(config):
     # One torch thread: the suite runs on small CI machines (2 cores) where OpenMP threads that wait on
-    # each other make small models many times slower than a single thread.
+    # each other make small models many times slower than a single thread. The environment says so too,
+    # for the tools that tests run (in this process or as subprocesses: detector.base.threads reads it).
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)

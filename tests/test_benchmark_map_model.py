@@ -24,17 +24,17 @@ import numpy as np
 import pytest
 import torch
 
-from detector.boxes import xyxy_to_voc
-from detector.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.boxes import xyxy_to_voc
+from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.cli import run_tool
+from detector.base.io import load_image
+from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary
 from detector.classifier import ClassifierConfig, RegionClassifier
-from detector.cli import run_tool
 from detector.data import read_coco, read_ilsvrc_det
 from detector.dataset_runner import collect_parts
 from detector.evaluation import evaluate_coco, evaluate_ilsvrc
-from detector.io import load_image
 from detector.pipeline import Detector
 from detector.postprocess import PostprocessConfig
-from detector.vocab import Vocabulary, ilsvrc_det_vocabulary
 from proposals.store import ImageProposals, encode_boxes, write_part
 from tools.benchmark_map import main
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.cli import run_tool
+from detector.base.cli import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmark_map", ROOT / "tools" / "benchmark_map.py")

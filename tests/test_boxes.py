@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from detector import boxes as B
+from detector.base import boxes as B
 
 
 def test_voc_is_one_based_inclusive():
@@ -31,16 +31,27 @@ def test_normalized_round_trip_uses_height_width_order():
     np.testing.assert_allclose(B.normalized_to_xyxy(norm, image_size), xyxy)
 
 
-def test_cxcywh_round_trip_and_torch_inputs():
+def test_cxcywh_round_trip():
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 100, (50, 2))
     wh = rng.uniform(1, 50, (50, 2))
     xyxy = np.concatenate([xy, xy + wh], 1).astype(np.float32)
     np.testing.assert_allclose(B.cxcywh_to_xyxy(B.xyxy_to_cxcywh(xyxy)), xyxy, atol=1e-4)
+
+
+def test_numpy_ops_equal_the_torchvision_ops_the_torch_stages_use():
+    # base.boxes is numpy only; the torch stages use torchvision.ops, which must agree bit for bit
+    from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
+
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(-20, 120, (40, 2))
+    xyxy = np.concatenate([xy, xy + rng.uniform(0, 60, (40, 2))], 1).astype(np.float32)
     t = torch.from_numpy(xyxy)
-    out = B.voc_to_xyxy(B.xyxy_to_voc(t))
-    assert isinstance(out, torch.Tensor)
-    torch.testing.assert_close(out, t)
+    np.testing.assert_array_equal(B.clip_boxes(xyxy, (100, 80)), clip_boxes_to_image(t, (100, 80)).numpy())
+    cxcywh = B.xyxy_to_cxcywh(xyxy)
+    np.testing.assert_array_equal(B.cxcywh_to_xyxy(cxcywh),
+                                  box_convert(torch.from_numpy(cxcywh), "cxcywh", "xyxy").numpy())
+    np.testing.assert_array_equal(B.box_iou(xyxy, xyxy[:7]), box_iou(t, t[:7]).numpy())
 
 
 def test_conversions_do_not_mutate_and_keep_float32():

@@ -5,17 +5,16 @@ import json
 import pytest
 import torch
 
-from detector.checkpoint import (
-    build_classifier_from_checkpoint,
+from detector.base.checkpoint import (
     checkpoint_paths,
     load_checkpoint,
     make_checkpoint_config,
     save_checkpoint,
 )
-from detector.classifier import ClassifierConfig, RegionClassifier
-from detector.errors import UserError
+from detector.base.errors import UserError
+from detector.base.vocab import Vocabulary
+from detector.classifier import ClassifierConfig, RegionClassifier, build_classifier_from_checkpoint
 from detector.postprocess import PostprocessConfig
-from detector.vocab import Vocabulary
 
 VOCAB = Vocabulary(ids=(1, 2, 3), names=("cat", "dog", "fox"))
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from detector.boxes import xyxy_to_coco, xyxy_to_voc
+from detector.base.boxes import xyxy_to_coco, xyxy_to_voc
+from detector.base.errors import UserError
 from detector.data import (
     read_blacklist,
     read_coco,
@@ -17,7 +18,6 @@ from detector.data import (
     read_voc,
     train_pos_list,
 )
-from detector.errors import UserError
 
 VAL2 = "ilsvrc13_val2"
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.errors import UserError
+from detector.base.io import load_image
+from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary
 from detector.batch import BatchedDetector, detect_images
-from detector.checkpoint import make_checkpoint_config, save_checkpoint
 from detector.classifier import ClassifierConfig, RegionClassifier
 from detector.data import read_coco
 from detector.data.records import Dataset, ImageRecord
@@ -27,11 +30,8 @@ from detector.dataset_runner import (
     wait_for_parts,
     write_chunk,
 )
-from detector.errors import UserError
-from detector.io import load_image
 from detector.pipeline import Detections, Detector
 from detector.postprocess import PostprocessConfig
-from detector.vocab import Vocabulary, ilsvrc_det_vocabulary
 
 RECORDS = (1, 3, 4, 10)  # chess/test photos with 1, 1, 7 and 1 pieces
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import detector.pipeline as pipeline
-from detector.checkpoint import checkpoint_paths, make_checkpoint_config, save_checkpoint
+from detector.base.checkpoint import checkpoint_paths, make_checkpoint_config, save_checkpoint
+from detector.base.cli import run_tool
 from detector.classifier import ClassifierConfig, RegionClassifier
-from detector.cli import run_tool
 from detector.data import read_coco
 from detector.draw import class_colour, draw_detections
 from detector.pipeline import Detections

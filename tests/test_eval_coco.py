@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from detector.boxes import coco_to_xyxy
+from detector.base.boxes import coco_to_xyxy
+from detector.base.errors import UserError
 from detector.data import read_coco, read_voc
 from detector.evaluation import coco_results_to_detections, evaluate_coco, write_coco_results
 from detector.evaluation.coco import STAT_NAMES
@@ -112,3 +113,102 @@ def test_dataset_ground_truth_and_empty_detections(chess, shared_data, tmp_path)
     bccd = read_voc(shared_data / "bccd", "test")
     perfect = {r.image_id: (r.gt_boxes, np.ones(len(r.gt_labels)), r.gt_labels) for r in bccd.records}
     assert evaluate_coco(bccd, perfect).mAP == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results that would move the mAP without a word: refused with their index, or dropped/counted with a warning
+
+
+def tiny_ground_truth(tmp_path):
+    """Two images, one object each: a cat (category 1) on image 1, a dog (category 2) on image 2."""
+    gt = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 100},
+                     {"id": 2, "file_name": "b.jpg", "height": 100, "width": 100}],
+          "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                           "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 2, "bbox": [30, 30, 40, 40], "area": 1600,
+                           "iscrowd": 0}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+PERFECT = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+           {"image_id": 2, "category_id": 2, "bbox": [30, 30, 40, 40], "score": 0.8}]
+
+
+def evaluate_file(tmp_path, gt, results):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))  # NaN and Infinity are written as JSON's common extension
+    return path, evaluate_coco(gt, path)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"category_id": 7}, "category_id 7 is not a category of the ground truth"),  # pycocotools ignores it
+    ({"category_id": "1"}, "category_id '1' is not a category"),
+    ({"category_id": True}, "category_id True is not a category"),
+    ({"category_id": 1.5}, "category_id 1.5 is not a category"),
+    ({"image_id": 1.5}, "image_id 1.5 is not an integer"),
+    ({"bbox": [10, 10, -20, 20]}, "negative width or height"),  # pycocotools: outside every area range
+    ({"bbox": [10, 10, 20, -1e-3]}, "negative width or height"),
+    ({"bbox": [10, 10, 20, float("nan")]}, "has a NaN or infinite"),
+    ({"bbox": [float("inf"), 10, 20, 20]}, "has a NaN or infinite"),
+    ({"score": float("nan")}, "has a NaN or infinite"),
+    ({"score": "high"}, "needs .bbox.: \\[x, y, w, h\\] and .score. as numbers"),
+    ({"bbox": [10, 10, 20]}, "needs .bbox.: \\[x, y, w, h\\] and .score. as numbers"),
+    ({"score": None}, "needs .bbox.: \\[x, y, w, h\\] and .score. as numbers"),
+])
+def test_bad_results_are_refused_with_their_index(tmp_path, bad, problem):
+    gt = tiny_ground_truth(tmp_path)
+    results = [*PERFECT, {**PERFECT[0], **bad}]  # index 2
+    with pytest.raises(UserError, match=f"results.json: result 2 {problem}.*; fix or remove it") as err:
+        evaluate_file(tmp_path, gt, results)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=f"COCO results: result 2 {problem}"):
+        evaluate_coco(gt, results)
+    with pytest.raises(UserError, match=f"result 2 {problem}"):  # the reader benchmark_map uses
+        coco_results_to_detections(tmp_path / "results.json", read_coco(gt))
+
+
+def test_a_result_without_its_keys_is_refused(tmp_path):
+    gt = tiny_ground_truth(tmp_path)
+    with pytest.raises(UserError, match="result 1 is not {'image_id'"):
+        evaluate_coco(gt, [PERFECT[0], {"image_id": 1, "bbox": [1, 2, 3, 4], "score": 1.0}])
+
+
+def test_results_on_unknown_images_are_dropped_counted_and_warned(tmp_path):
+    gt = tiny_ground_truth(tmp_path)
+    assert evaluate_coco(gt, PERFECT).mAP == pytest.approx(1.0)  # pycocotools' float sum: 1 - 2e-16
+    # A high-scoring false positive on image 99 (not in the ground truth) would cost the cat class half
+    # its AP if it were scored; it is dropped, as the ILSVRC and VOC evaluators do, and said.
+    stray = {"image_id": 99, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.99}
+    with pytest.warns(UserWarning, match="dropped 1 results on images that are not in the ground truth"):
+        _, r = evaluate_file(tmp_path, gt, [*PERFECT, stray])
+    assert r.mAP == pytest.approx(1.0) and r.extra["num_dropped_unlisted"] == 1 and r.num_predictions == 2
+    # In-memory detections of a dataset: the same.
+    ds = read_coco(gt)
+    detections = coco_results_to_detections(PERFECT, ds)
+    detections["not-an-image"] = (np.array([[0.0, 0, 5, 5]]), np.array([0.99]), np.array([1]))
+    with pytest.warns(UserWarning, match="dropped 1 detections on images that are not in the dataset"):
+        r = evaluate_coco(ds, detections)
+    assert r.mAP == pytest.approx(1.0) and r.extra["num_dropped_unlisted"] == 1
+
+
+def test_empty_boxes_are_scored_as_pycocotools_does_and_counted(tmp_path):
+    gt = tiny_ground_truth(tmp_path)
+    # A zero-width cat box on image 1 scored above the true one: it matches nothing (IoU 0), so it is a
+    # false positive ranked first. Cat: precision 1/2 at every recall -> AP 0.5; dog AP 1; mAP 0.75.
+    empty = {"image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 20], "score": 0.95}
+    with pytest.warns(UserWarning, match="1 results have zero width or height \\(first: result 2\\)"):
+        path, r = evaluate_file(tmp_path, gt, [*PERFECT, empty])
+    assert r.mAP == pytest.approx(0.75) and r.ap == pytest.approx({1: 0.5, 2: 1.0})
+    assert r.extra["num_empty_boxes"] == 1
+    assert r.mAP == pycocotools_stats(gt, path)[0]  # pycocotools' own number
+
+
+def test_non_finite_numbers_in_the_file_are_refused(tmp_path):
+    gt = tiny_ground_truth(tmp_path)
+    path = tmp_path / "results.json"
+    path.write_text('[{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": Infinity}]')
+    with pytest.raises(UserError, match="results.json: result 0 has a NaN or infinite number"):
+        evaluate_coco(gt, path)

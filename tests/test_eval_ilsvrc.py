@@ -7,13 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
+from ilsvrc_reference import reference_ilsvrc  # the loop-by-loop oracle, tests/ilsvrc_reference.py
 
-from detector.boxes import voc_to_xyxy
+from detector.base.boxes import voc_to_xyxy
+from detector.base.vocab import Vocabulary, read_meta_det
 from detector.data import Dataset, IlsvrcDataset, ImageRecord, read_ilsvrc_det
 from detector.evaluation import evaluate_ilsvrc, read_ilsvrc_predictions, write_ilsvrc_submission
 from detector.evaluation.ilsvrc import inclusive_iou, object_thresholds
-from detector.evaluation.reference import reference_ilsvrc
-from detector.vocab import Vocabulary, read_meta_det
 
 VOCAB3 = Vocabulary(ids=(1, 2, 3), names=("a", "b", "c"), wnids=("n1", "n2", "n3"))
 

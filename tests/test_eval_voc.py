@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.boxes import voc_to_xyxy
+from detector.base.boxes import voc_to_xyxy
+from detector.base.vocab import Vocabulary
 from detector.data import Dataset, ImageRecord, read_coco, read_voc
 from detector.evaluation import evaluate_ilsvrc, evaluate_voc, read_voc_predictions
 from detector.evaluation.ap import average_precision, average_precision_11point, precision_recall
-from detector.vocab import Vocabulary
 
 VOCAB = Vocabulary(ids=(1, 2), names=("cat", "dog"))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.io import ImageError, load_image, read_image_size
+from detector.base.io import ImageError, load_image, read_image_size
 
 
 def _save(tmp_path, img, name, **kw):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.boxes import box_iou
-from detector.io import load_image
+from detector.base.boxes import box_iou
+from detector.base.io import load_image
 from proposals.merge import GoogLeNetRecipe, googlenet_proposals, merge_proposals, remove_near_duplicates
 from proposals.multibox import MultiBox, MultiBoxConfig
 

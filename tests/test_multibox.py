@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.errors import UserError
+from detector.base.errors import UserError
+from detector.training.multibox_data import to_input
 from proposals.multibox import (
     MultiBox,
     MultiBoxConfig,
@@ -22,7 +23,6 @@ from proposals.multibox import (
     preprocess_images,
     save_multibox,
 )
-from proposals.multibox_data import to_input
 
 LOG2 = math.log(2.0)
 
@@ -197,7 +197,7 @@ def test_checkpoint_round_trip_keeps_priors_and_outputs(tmp_path):
 
 
 def test_loading_a_checkpoint_of_another_kind_is_a_user_error(tmp_path):
-    from detector.checkpoint import save_checkpoint
+    from detector.base.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(2)}, {"kind": "detector"})
     with pytest.raises(UserError, match="not a MultiBox checkpoint"):

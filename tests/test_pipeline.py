@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import detector.pipeline as pipeline
+from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+from detector.base.errors import UserError
+from detector.base.io import load_image
+from detector.base.vocab import Vocabulary
 from detector.box_coder import BoxCoder
-from detector.checkpoint import make_checkpoint_config, save_checkpoint
 from detector.classifier import ClassifierConfig, RegionClassifier
 from detector.data import read_coco
-from detector.errors import UserError
-from detector.io import load_image
 from detector.pipeline import Detector, load_detector
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.vocab import Vocabulary
 from detector.warp import warp_regions
 
 SIZE = 64  # tiny crops keep the random GoogLeNet fast on 2 cores

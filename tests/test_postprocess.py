@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.boxes import box_iou
+from detector.base.boxes import box_iou
 from detector.postprocess import PostprocessConfig, postprocess
 
 

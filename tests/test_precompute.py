@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detector.base.cli import run_tool
+from detector.base.errors import UserError
 from proposals import ProposalStore
 from proposals.precompute import PrecomputeConfig, list_file, list_images, parse_shard, precompute
 from proposals.store import part_files
@@ -73,7 +75,7 @@ def test_one_run_records_failures_and_goes_on(images, tmp_path):
     assert len(store) == 10 and set(store.failures) == set(report.failures)
     only_part(tmp_path / "s")
     # The stored boxes are the proposals of the image, to within the storage step.
-    from detector.io import load_image
+    from detector.base.io import load_image
     from proposals import propose
 
     name = store.names()[3]
@@ -149,8 +151,132 @@ def test_parse_shard_from_flag_or_torchrun_environment():
     assert parse_shard("2/5") == (2, 5)
     assert parse_shard(None, {"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
     assert parse_shard(None, {}) == (0, 1)
-    from detector.errors import UserError
+    from detector.base.errors import UserError
 
     for bad in ("5/5", "a/b", "1"):
         with pytest.raises(UserError):
             parse_shard(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# damage, kills and full disks: one line, and a rerun that ends byte-exact
+
+
+def array_start(data: bytes, key: str) -> int:
+    """Byte offset of array ``key`` in a part file's bytes (read from its header)."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", data[8:16])
+    header = json.loads(data[32:32 + length])
+    return -(-(32 + length) // 64) * 64 + header["arrays"][key]["offset"]
+
+
+def read_everything(store_dir):
+    store = ProposalStore(store_dir)
+    return [store[name] for name in store]
+
+
+@pytest.mark.parametrize("damage", ["boxes", "offsets", "sizes", "names", "crcs", "header", "truncated"])
+def test_rerun_sets_a_damaged_part_aside_and_redoes_its_images(images, tmp_path, capsys, damage):
+    out = tmp_path / "s"
+    run(images, out)
+    part = only_part(out)
+    good = part.read_bytes()
+    data = bytearray(good)
+    if damage == "truncated":
+        data = data[: len(data) - 7]
+    elif damage == "header":
+        data[40] ^= 0x01  # a character of the JSON header (it may even still parse)
+    else:
+        data[array_start(good, damage) + 9] ^= 0x10
+    part.write_bytes(bytes(data))
+    # Read as it is: one line naming the part and what to do, never wrong boxes.
+    with pytest.raises(UserError, match=f"{part.name}: damaged proposal store part .*rerun") as err:
+        read_everything(out)
+    assert "\n" not in str(err.value)
+    # --verify says so too, with exit code 2.
+    assert run_tool(tool_main, ["--verify", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"damaged: {part}" in captured.out and captured.err.count("\n") == 1
+    # A rerun sets the part aside, does its images again, and ends with the same store as before the damage.
+    assert tool_main([str(images), "--out", str(out), "--max-side", "96", "--chunk-size", "3", "--no-progress"]) == 0
+    assert f"set aside damaged part {part}.damaged" in capsys.readouterr().err
+    assert only_part(out).read_bytes() == good and (out / (part.name + ".damaged")).exists()
+    assert run_tool(tool_main, ["--verify", str(out)]) == 0
+
+
+KILL_AT_COMPACTION = """
+import os, signal, sys
+real = os.replace
+def replace(src, dst):  # kill -9 just before the compacted part takes its name: its copy is left behind
+    if os.path.basename(str(dst)).startswith("part-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+from tools.precompute_proposals import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_compaction_then_rerun_cleans_up_and_is_byte_exact(images, tmp_path):
+    run(images, tmp_path / "ref")
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_COMPACTION, *command(images, out)[2:]], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL
+    left = list(out.glob(".part.*.tmp"))
+    assert len(left) == 1 and left[0].stat().st_size > 0.9 * only_part(tmp_path / "ref").stat().st_size
+    rerun = subprocess.run(command(images, out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "removed 1 temporary file" in rerun.stderr
+    assert only_part(out).read_bytes() == only_part(tmp_path / "ref").read_bytes()
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_disk_full_mid_run_is_one_line_and_the_rerun_completes(images, tmp_path, monkeypatch, capsys):
+    import errno
+
+    run(images, tmp_path / "ref")
+    out = tmp_path / "full"
+    real, calls = os.fsync, []
+
+    def fsync(fd):  # the disk fills up after the settings file and two one-image chunks
+        calls.append(fd)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = [str(images), "--out", str(out), "--max-side", "96", "--chunk-size", "1", "--no-progress"]
+    assert run_tool(tool_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "chunk-" in err and "rerun" in err
+    assert len(part_files(out)) == 2 and not list(out.glob(".*tmp*"))  # finished chunks kept, nothing half
+    monkeypatch.setattr(os, "fsync", real)
+    assert run_tool(tool_main, argv) == 0
+    assert "2 already done" in capsys.readouterr().out
+    assert only_part(out).read_bytes() == only_part(tmp_path / "ref").read_bytes()
+
+
+def test_runs_with_other_settings_never_share_a_store(images, tmp_path):
+    from proposals.precompute import _chunk_name
+
+    names = ["a.jpg", "b.jpg"]
+    assert _chunk_name(0, names, {"method": "ss-fast", "options": {"max_side": 96}}) != \
+        _chunk_name(0, names, {"method": "ss-fast", "options": {"max_side": 64}})
+    # Two runs started together on one --out with other settings: one wins, the other is refused in
+    # one line before it writes anything; the store is the winner's, exactly.
+    out = tmp_path / "shared"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = {side: subprocess.Popen(command(images, out, "--max-side", side), env=env,  # the last --max-side counts
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for side in ("96", "64")}
+    results = {side: (p.wait(), p.stderr.read()) for side, p in procs.items()}
+    assert sorted(rc for rc, _ in results.values()) == [0, 2]
+    winner = next(side for side, (rc, _) in results.items() if rc == 0)
+    loser_err = next(err for rc, err in results.values() if rc == 2)
+    assert loser_err.count("\n") == 1 and "use another --out" in loser_err
+    precompute(list_images(images), tmp_path / "ref",
+               PrecomputeConfig(options=(("max_side", int(winner)),), chunk_size=1), progress=False)
+    assert only_part(out).read_bytes() == only_part(tmp_path / "ref").read_bytes()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.boxes import box_iou, cxcywh_to_xyxy
+from detector.base.boxes import box_iou, cxcywh_to_xyxy
 from detector.data import ImageRecord, read_ilsvrc_det, read_image_list
 from proposals.priors import _kmeans_pp, cxcywh_iou, kmeans_priors, mean_best_iou, normalized_gt_boxes
 

@@ -90,7 +90,7 @@ def test_tool_on_coco(shared_data, capsys):
     ([], "nothing to measure"),
 ])
 def test_bad_arguments_are_one_line(shared_data, argv, message, capsys):
-    from detector.cli import run_tool
+    from detector.base.cli import run_tool
 
     assert run_tool(tool_main, ["--voc", str(shared_data / "bccd"), *argv]) == 2
     err = capsys.readouterr().err

@@ -5,17 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.errors import UserError
+from detector.base.errors import UserError
 from proposals import ProposalStore
 from proposals.store import (
     QUANT,
     ImageProposals,
     Part,
+    clean_temporary,
     compact,
     decode_boxes,
     encode_boxes,
     merge,
     part_files,
+    verify,
     write_part,
 )
 
@@ -129,3 +131,176 @@ def test_parts_of_different_methods_are_not_mixed(tmp_path):
         ProposalStore(tmp_path)
     with pytest.raises(UserError, match="different"):
         merge([tmp_path], tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------------
+# damage: nothing read from a part is trusted
+
+
+def read_all(path):
+    """Everything a reader can get from a store: names, failures, meta, and every image's arrays."""
+    store = ProposalStore(path)
+    images = {}
+    for name in store:
+        boxes, scores = store[name]
+        images[name] = (boxes.tobytes(), None if scores is None else scores.tobytes(), store.image_size(name))
+    return images, store.failures, store.meta
+
+
+def covered_bytes(data: bytes) -> np.ndarray:
+    """A mask of the bytes of a part that carry content (prefix, header, arrays), not alignment padding."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", data[8:16])
+    header = json.loads(data[32:32 + length])
+    start = -(-(32 + length) // 64) * 64
+    mask = np.zeros(len(data), bool)
+    mask[: 32 + length] = True
+    for spec in header["arrays"].values():
+        lo = start + spec["offset"]
+        mask[lo: lo + int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize] = True
+    return mask
+
+
+def test_every_flipped_byte_is_refused_in_one_line_or_changes_nothing(tmp_path):
+    # Four images with scores and one failure: every byte of the file, flipped in turn (boxes, scores,
+    # offsets, sizes, names, CRCs, the header and its length and digest), must give a one-line error
+    # naming the file (on opening or on the lookup), or read back exactly as before (alignment padding).
+    entries = random_entries(4, seed=3, scores=True) + [ImageProposals("gone.jpg", error="unreadable")]
+    data = write_part(tmp_path / "good.pstore", entries, META).read_bytes()
+    expect = read_all(tmp_path / "good.pstore")
+    content = covered_bytes(data)
+    bad = tmp_path / "bad.pstore"
+    harmless = []
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+        try:
+            got = read_all(bad)
+        except UserError as err:
+            assert str(bad) in str(err) and "\n" not in str(err) and "damaged" in str(err)
+            continue
+        assert got == expect, f"byte {i} flipped: read as good data"
+        harmless.append(i)
+    assert not content[harmless].any()  # only padding flips go unseen, and they change nothing
+    assert content.sum() > 0.8 * len(data)
+
+
+def test_every_truncation_is_refused(tmp_path):
+    data = write_part(tmp_path / "good.pstore", random_entries(3, seed=4, scores=True), META).read_bytes()
+    bad = tmp_path / "cut.pstore"
+    for length in [*range(0, len(data), 3), len(data) - 1]:  # every third length, and one byte short
+        bad.write_bytes(data[:length])
+        with pytest.raises(UserError, match="damaged proposal store part"):
+            read_all(bad)
+
+
+def test_flipped_padding_is_found_by_verify_in_a_digest_named_part(tmp_path):
+    write_part(tmp_path / "s" / "a.pstore", random_entries(3, seed=5), META)
+    part = compact(tmp_path / "s")  # part-<digest of the file>.pstore
+    data = bytearray(part.read_bytes())
+    pad = np.flatnonzero(~covered_bytes(bytes(data)))[0]
+    data[pad] ^= 1
+    part.write_bytes(bytes(data))
+    read_all(part)  # the content is intact ...
+    report = verify(tmp_path / "s")  # ... but the file is not the one its name promises
+    assert list(report.damaged) == [part] and "digest" in report.damaged[part]
+
+
+def first_format_part(path, header_edit=None):
+    """A part of the first format (``PSTORE01``: no checksums), written by hand, its header edited."""
+    import json
+    import struct
+
+    names = b"a.jpg\nb.jpg"
+    arrays = {"names": np.frombuffer(names, np.uint8), "sizes": np.array([[10, 20], [30, 40]], np.int32),
+              "offsets": np.array([0, 1, 3], np.int64), "boxes": np.arange(12, dtype=np.uint16).reshape(3, 4)}
+    layout, offset = {}, 0
+    for key, arr in arrays.items():
+        offset = -(-offset // 64) * 64
+        layout[key] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset}
+        offset += arr.nbytes
+    where = {key: spec["offset"] for key, spec in layout.items()}  # where the arrays go, whatever the header says
+    header = {"version": 1, "arrays": layout, "meta": META, "failures": {}}
+    if header_edit:
+        header_edit(header)
+    raw = json.dumps(header).encode()
+    start = -(-(16 + len(raw)) // 64) * 64
+    out = bytearray(b"PSTORE01" + struct.pack("<Q", len(raw)) + raw)
+    for key, arr in arrays.items():
+        out += b"\0" * (start + where[key] - len(out)) + arr.tobytes()
+    path.write_bytes(bytes(out))
+    return path
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda h: h["arrays"]["boxes"].update(shape=[10 ** 12, 4]), "truncated"),  # was a MemoryError
+    (lambda h: h["arrays"]["sizes"].update(shape=[3, 2]), "do not agree"),
+    (lambda h: h["arrays"].update(boxes={**h["arrays"]["boxes"], "shape": [10 ** 12, 4]},
+                                  offsets={**h["arrays"]["offsets"], "shape": [10 ** 12 + 1]},
+                                  sizes={**h["arrays"]["sizes"], "shape": [10 ** 12, 2]}), "overlap"),
+    (lambda h: h["arrays"]["offsets"].update(offset=h["arrays"]["sizes"]["offset"]), "overlap"),
+    (lambda h: h["arrays"]["sizes"].update(dtype="<f8"), "malformed entry"),
+    (lambda h: h["arrays"].pop("offsets"), "array table"),
+    (lambda h: h.update(failures={"a.jpg": "x"}), "names"),
+    (lambda h: h.update(failures=["x"]), "failures"),
+])
+def test_first_format_layout_is_checked_before_use(tmp_path, edit, reason):
+    store = ProposalStore(first_format_part(tmp_path / "ok.pstore"))  # no checksums, but read
+    assert store["b.jpg"][0].shape == (2, 4) and verify(tmp_path / "ok.pstore").unchecked
+    with pytest.raises(UserError, match=reason):
+        ProposalStore(first_format_part(tmp_path / "bad.pstore", edit))
+
+
+@pytest.mark.parametrize("offsets, reason", [([0, 3, 1], "offsets"), ([0, 1, 4], "offsets"),
+                                             ([1, 1, 3], "offsets")])
+def test_first_format_offsets_are_checked(tmp_path, offsets, reason):
+    path = first_format_part(tmp_path / "p.pstore")
+    data = bytearray(path.read_bytes())
+    at = data.index(np.array([0, 1, 3], np.int64).tobytes())
+    data[at: at + 24] = np.array(offsets, np.int64).tobytes()  # was another image's boxes, or an IndexError
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=reason):
+        ProposalStore(path)
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_live_ones_kept(tmp_path):
+    import fcntl
+    import os
+
+    stale = tmp_path / ".part.killed.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / ".part.live.tmp"
+    fd = os.open(live, os.O_CREAT | os.O_WRONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer at work holds its file locked
+    try:
+        assert clean_temporary(tmp_path) == [stale]
+        assert live.exists() and not stale.exists()
+    finally:
+        os.close(fd)
+    assert clean_temporary(tmp_path) == [live]
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("proposals.store.os.fsync", full)
+    with pytest.raises(UserError, match="a.pstore: cannot write .*No space left on device.*free some space"):
+        write_part(tmp_path / "a.pstore", random_entries(3), META)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_to_copy_a_damaged_part(tmp_path):
+    path = write_part(tmp_path / "s" / "a.pstore", random_entries(3, seed=6), META)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # in the CRCs, the last array (3 images: its last 12 bytes)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        merge([tmp_path / "s"], tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))  # nothing written, the damage not laundered into a new part

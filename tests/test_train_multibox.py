@@ -14,10 +14,10 @@ import torch
 
 from detector.data import read_coco
 from detector.training.engine import EngineConfig
+from detector.training.multibox import train_multibox
+from detector.training.multibox_data import BatchConfig, MultiBoxBatches, ResizedImages
 from detector.training.schedule import ScheduleConfig
 from proposals.multibox import MultiBox, MultiBoxConfig, load_multibox, match
-from proposals.multibox_data import BatchConfig, MultiBoxBatches, ResizedImages
-from proposals.multibox_training import train_multibox
 from proposals.priors import kmeans_priors, normalized_gt_boxes
 
 ROOT = Path(__file__).resolve().parents[1]

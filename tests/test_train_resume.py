@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from detector.errors import UserError
-from detector.training.engine import EngineConfig, load_train_state, train
+from detector.base.errors import UserError
+from detector.training.engine import EngineConfig, load_train_state, state_digest, train
 from detector.training.schedule import ScheduleConfig
 
 
@@ -48,13 +48,14 @@ def loss_fn(model, batch):
     return loss, {}
 
 
-def run(out_dir, iterations=12, crash_at=None, resume=None, resume_key=None):
+def run(out_dir, iterations=12, crash_at=None, resume=None, resume_key=None, report=lambda s: None,
+        source=None, loss=loss_fn):
     torch.manual_seed(0)
     model = TinyNet()
     config = EngineConfig(out_dir=str(out_dir), checkpoint_every=5, log_every=1, progress=False, seed=7,
                           schedule=ScheduleConfig(base_lr=0.1, iterations=iterations, warmup_iters=3, kind="cosine"))
-    train(model, SyntheticSource(crash_at), loss_fn, config, model_config={"name": "tiny"},
-          resume_key=resume_key or {"model": "tiny"}, resume=resume, report=lambda s: None)
+    train(model, source or SyntheticSource(crash_at), loss, config, model_config={"name": "tiny"},
+          resume_key=resume_key or {"model": "tiny"}, resume=resume, report=report)
     return model
 
 
@@ -93,3 +94,122 @@ def test_resume_from_a_bad_file_is_a_user_error(tmp_path):
         load_train_state(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_train_state(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------
+# damaged state and logs: refused in one line, or a torn log line dropped with a warning
+
+
+def files_of(folder):
+    """Every file of a run folder with its bytes and modification time: to show nothing was written."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_garbled_state_that_still_loads_is_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", crash_at=7)
+    path = tmp_path / "cut" / "last.state.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["body.0.weight"][0, 0, 0, 0] = 8e21  # the issue's case: a readable file, absurd weights
+    torch.save(state, path)
+    before = files_of(tmp_path / "cut")
+    with pytest.raises(UserError, match="damaged .*does not match its sha256") as err:
+        run(tmp_path / "cut", resume=tmp_path / "cut")
+    assert "\n" not in str(err.value)
+    assert files_of(tmp_path / "cut") == before
+
+
+def test_every_flipped_byte_of_the_state_is_refused_or_changes_nothing(tmp_path):
+    run(tmp_path / "a", iterations=5)
+    path = tmp_path / "a" / "last.state.pt"
+    good = path.read_bytes()
+    expect = load_train_state(path)
+    refused = 0
+    for at in range(0, len(good), max(1, len(good) // 400)):  # about 400 places over the whole file
+        data = bytearray(good)
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+        try:
+            got = load_train_state(path)
+        except UserError as err:
+            assert "\n" not in str(err)
+            refused += 1
+            continue
+        assert state_digest(got) == state_digest(expect), f"byte {at} flipped: trained on changed data"
+    assert refused > 0
+    for cut in (len(good) // 2, len(good) - 1, 10):
+        path.write_bytes(good[:cut])
+        with pytest.raises(UserError, match="not a readable training state"):
+            load_train_state(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_even_with_a_matching_checksum(tmp_path, value):
+    run(tmp_path / "a", iterations=5)
+    path = tmp_path / "a" / "last.state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["sha256"]
+    state["model"]["body.6.weight"][1, 2] = value
+    state["sha256"] = state_digest(state)
+    torch.save(state, path)
+    with pytest.raises(UserError, match="NaN or infinity, e.g. model.body.6.weight"):
+        load_train_state(path)
+    # A state of the first version (no checksum) is read with a warning, and checked for finite weights.
+    del state["sha256"]
+    torch.save(state, path)
+    notes = []
+    with pytest.raises(UserError, match="NaN or infinity"):
+        load_train_state(path, report=notes.append)
+    assert notes and "no checksum" in notes[0]
+
+
+class PoisonedSource(SyntheticSource):
+    def batch(self, iteration: int):
+        return {**super().batch(iteration), "poison": iteration == 9}
+
+
+def poisoning_loss(model, batch):
+    loss, parts = loss_fn(model, batch)
+    if batch["poison"]:  # iteration 9 (the last before the checkpoint at 10) leaves an infinite bias
+        with torch.no_grad():
+            model.body[6].bias.fill_(float("inf"))
+    return loss, parts
+
+
+def test_non_finite_weights_never_replace_the_last_good_state(tmp_path):
+    with pytest.raises(UserError, match="NaN or infinity at iteration 10.*last good checkpoint .*is kept"):
+        run(tmp_path / "a", iterations=12, source=PoisonedSource(), loss=poisoning_loss)
+    state = load_train_state(tmp_path / "a")
+    assert state["iteration"] == 5
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
+    run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", crash_at=7)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    torn_line = len(metrics.read_text().splitlines()) + 1
+    with open(metrics, "a") as f:
+        f.write('{"iteration": 7, "lr": 0.09, "lo')  # killed in the middle of an append
+    notes = []
+    run(tmp_path / "cut", resume=tmp_path / "cut", report=notes.append)
+    assert any(f"metrics.jsonl:{torn_line}: dropped a torn last line" in n for n in notes), notes
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    # A damaged line that is not the last is not a torn append: one line naming it.
+    lines = metrics.read_text().splitlines()
+    lines[3] = lines[3][:10]
+    metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="metrics.jsonl:4: not a JSON record"):
+        run(tmp_path / "cut", resume=tmp_path / "cut")
+
+
+def test_a_settings_group_an_older_state_lacks_is_reported_not_refused(tmp_path):
+    run(tmp_path / "a", iterations=5, resume_key={"model": "tiny"})
+    notes = []
+    run(tmp_path / "a", iterations=6, resume=tmp_path / "a", report=notes.append,
+        resume_key={"model": "tiny", "proposals": {"method": "ss-fast"}})
+    assert any("does not record the proposals settings" in n for n in notes)
+    # ... but once recorded, another value is refused like any other setting.
+    with pytest.raises(UserError, match="proposals.method: 'ss-fast' in the file, 'ss-quality' now"):
+        run(tmp_path / "a", iterations=7, resume=tmp_path / "a",
+            resume_key={"model": "tiny", "proposals": {"method": "ss-quality"}})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,12 @@ def test_tiny_run_writes_a_loadable_detector_and_lists_corrupt_images(chess, tmp
     assert again.returncode == 2, again.stderr[-2000:]
     assert again.stderr.startswith("error: ") and "different configuration" in again.stderr, again.stderr[-2000:]
     assert "Traceback" not in again.stderr
+    # ... and so is resuming with other proposals (it would mix two proposal sources in one run), even
+    # with a fresh cache folder that holds nothing to compare
+    again = run_tool("--train", train, "--out", out, "--resume", out, *TINY, "--proposal-options", '{"max_side": 120}',
+                     "--proposal-cache", tmp_path / "other-cache")
+    assert again.returncode == 2 and "proposals.options.max_side: 200 in the file, 120 now" in again.stderr, \
+        again.stderr[-2000:]
 
 
 def test_missing_dataset_is_one_line(tmp_path):
@@ -126,3 +133,29 @@ def test_bad_settings_are_one_line(chess, tmp_path, flag, value, message):
     train = subset_json(chess, "valid", 1, tmp_path / "train")
     result = run_tool("--train", train, "--out", tmp_path / "run", flag, value)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_compares_every_proposal_setting(tmp_path):
+    from detector.training.engine import _differences
+    from detector.training.rcnn import ProposalConfig, proposal_settings
+    from proposals.store import ImageProposals, write_part
+
+    def settings(**kw):
+        return proposal_settings(ProposalConfig(**{"options": {"max_side": 200}, **kw}))
+
+    def store(folder, max_side):
+        write_part(tmp_path / folder / "a.pstore", [ImageProposals("x.jpg", (10, 10), np.zeros((1, 4), np.uint16))],
+                   {"method": "ss-fast", "options": {"max_side": max_side}})
+        return str(tmp_path / folder)
+
+    base = settings()
+    assert _differences(base, settings()) == []
+    assert _differences(base, settings(method="ss-quality")) == ["method: 'ss-fast' in the file, 'ss-quality' now"]
+    assert _differences(base, settings(options={"max_side": 120})) == ["options.max_side: 200 in the file, 120 now"]
+    assert _differences(base, settings(max_proposals=100)) and _differences(base, settings(eval_max_proposals=5))
+    with_store = settings(store=store("s", 200))
+    assert [d.split(":")[0] for d in _differences(base, with_store)] == ["store"]  # a store instead of computing
+    assert _differences(with_store, settings(store=store("copy", 200))) == []  # a copied or moved store resumes
+    assert _differences(with_store, settings(store=store("other", 500))) == [
+        "store.options.max_side: 200 in the file, 500 now"]
+    assert _differences(base, settings(cache_dir=str(tmp_path / "cache"))) == []  # a cache changes no result

@@ -2,7 +2,7 @@
 
 import pytest
 
-from detector.vocab import Vocabulary, ilsvrc_det_vocabulary, read_meta_det
+from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary, read_meta_det
 
 
 def test_shipped_vocabulary_matches_meta_det(devkit):

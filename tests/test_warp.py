@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.io import load_image
+from detector.base.io import load_image
 from detector.warp import (
     IMAGENET_MEAN,
     IMAGENET_STD,

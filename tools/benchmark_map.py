@@ -17,6 +17,10 @@ COCO (pycocotools COCOeval, 12 numbers):
 Ground truth in another format: --gt-format ilsvrc|voc|coco (default: the protocol's own); predictions
 then use that format's file (ILSVRC submission lines, VOC lines, or a COCO results JSON).
 Prints a per-class table (id, name, positives, AP) and the mean. Exit code 2 on bad input.
+--diagnose DIR (either mode) adds the false-positive analysis of Hoiem et al. (ECCV 2012) at IoU --iou:
+localization, duplicate, confusion and background errors among the top-ranked detections of each class
+(--diagnose-top K: K x the class's objects, default 1; or all), the AP each type costs, and the class
+confusion matrix; it prints the tables and writes diagnose.json, diagnose.png and confusion.png into DIR.
 
 Model mode: detect every image of a dataset with a checkpoint (several --model: an ensemble; "default":
 the installed default model), write the dataset's result file, then evaluate it as above:
@@ -44,8 +48,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from detector.cli import run_tool
-from detector.errors import UserError
+from detector.base.cli import run_tool
+from detector.base.errors import UserError
+from detector.base.threads import add_threads_argument, configure_threads
 
 PROTOCOLS = ("ilsvrc", "voc", "coco")
 
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", type=Path, help="write PR curves and the AP bar chart (PNG) into this folder")
     g.add_argument("--rows", type=int, default=None, help="print at most this many table rows (default: all)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--diagnose", type=Path, metavar="DIR",
+                   help="false-positive analysis (Hoiem et al.) at IoU --iou and the class confusion matrix: print "
+                        "the tables, write diagnose.json, diagnose.png and confusion.png into DIR")
+    g.add_argument("--diagnose-top", default="1", metavar="K|all",
+                   help="--diagnose analyses the K x N_j most confident detections of each class (N_j: its "
+                        "objects; default 1, Hoiem's choice), or all of them")
     add_model_arguments(p)
     return p
 
@@ -99,6 +110,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=1,
                    help="threads reading images and computing proposals (default 1; 0: in the main thread)")
     g.add_argument("--chunk-size", type=int, default=32, help="images per atomic part file (default 32)")
+    add_threads_argument(g)
     g.add_argument("--shard", help="K/N: detect shard K of N (default: RANK/WORLD_SIZE under torchrun, else all)")
 
 
@@ -121,7 +133,7 @@ def ilsvrc_vocabulary(args):
     """The classes of ``--meta`` (a devkit meta_det.mat), or None for the shipped 200 DET classes."""
     if args.meta is None:
         return None
-    from detector.vocab import read_meta_det
+    from detector.base.vocab import read_meta_det
 
     if not args.meta.is_file():
         raise UserError(f"{args.meta}: meta file not found")
@@ -133,9 +145,9 @@ def ilsvrc_vocabulary(args):
 
 def listed_images(args):
     """The images of ``--image-list`` without ground truth (an ILSVRC test list): detection only."""
+    from detector.base.vocab import ilsvrc_det_vocabulary
     from detector.data.ilsvrc import read_image_list
     from detector.data.records import Dataset, ImageRecord
-    from detector.vocab import ilsvrc_det_vocabulary
 
     if args.image_list is None:
         raise UserError("--image-list is required for --dataset ilsvrc (e.g. data/det_lists/test.txt)")
@@ -145,22 +157,23 @@ def listed_images(args):
                    image_root=args.images, name=args.image_list.name)
 
 
-def load_predictions(args, dataset):
+def load_predictions(args, dataset, in_memory: bool = False):
     """Detections of ``--predictions`` in the ground truth's format: a path the evaluator reads itself when
-    that is exact (ILSVRC files for ILSVRC, COCO results for COCO), else an in-memory mapping."""
+    that is exact (ILSVRC files for ILSVRC, COCO results for COCO) unless ``in_memory``, else an in-memory
+    mapping."""
     from detector.evaluation import coco_results_to_detections, read_ilsvrc_predictions, read_voc_predictions
     from detector.evaluation.submission import predictions_to_detections
 
     fmt = args.gt_format or args.protocol
     if fmt == "ilsvrc":
-        if args.protocol == "ilsvrc":
+        if args.protocol == "ilsvrc" and not in_memory:
             return args.predictions
         preds = read_ilsvrc_predictions(args.predictions, dataset.vocab.ids, strict_boxes=args.strict,
                                         progress=not args.quiet)
         return predictions_to_detections(preds, dataset)
     if fmt == "voc":
         return read_voc_predictions(args.predictions, dataset)
-    if args.protocol == "coco":
+    if args.protocol == "coco" and not in_memory:
         return args.predictions
     return coco_results_to_detections(args.predictions, dataset)
 
@@ -186,6 +199,34 @@ def report(args, result) -> None:
     if args.plot:
         for path in plot_results(result, args.plot):
             print(f"wrote {path}")
+
+
+def diagnose_config(args):
+    """The ``DiagnoseConfig`` of ``--iou`` and ``--diagnose-top``."""
+    from detector.evaluation.diagnose import DiagnoseConfig
+
+    try:
+        top = None if args.diagnose_top == "all" else float(args.diagnose_top)
+        return DiagnoseConfig(iou_threshold=args.iou, top=top)
+    except ValueError:
+        raise UserError(f"--diagnose-top {args.diagnose_top}: expected a number > 0 or 'all'") from None
+
+
+def diagnose_report(args, dataset, detections) -> None:
+    """``--diagnose DIR``: the false-positive analysis of the detections (a mapping, or the file the
+    evaluator read), printed and written into DIR."""
+    from detector.evaluation.diagnose import diagnose, save_diagnosis_json
+    from detector.evaluation.diagnose_report import format_diagnosis, plot_diagnosis
+
+    if not isinstance(detections, dict):  # the file the evaluator read itself
+        detections = load_predictions(args, dataset, in_memory=True)
+    diagnosis = diagnose(dataset, detections, diagnose_config(args))
+    print()
+    print(format_diagnosis(diagnosis))
+    args.diagnose.mkdir(parents=True, exist_ok=True)
+    save_diagnosis_json(diagnosis, args.diagnose / "diagnose.json")
+    for path in [args.diagnose / "diagnose.json", *plot_diagnosis(diagnosis, args.diagnose)]:
+        print(f"wrote {path}")
 
 
 @contextlib.contextmanager
@@ -287,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("pass --predictions FILE (evaluate a file) or --model PATH (detect, then evaluate)"
                         + (", not both" if args.model else ""))
     if args.model is not None:
+        configure_threads(args.threads)  # before torch is imported
         return model_mode(args)
     if args.protocol is None or args.annotations is None:
         raise UserError("--protocol and --annotations are required with --predictions")
@@ -295,26 +337,33 @@ def main(argv: list[str] | None = None) -> int:
         detections = load_predictions(args, dataset)
         result = evaluate(args, dataset, detections)
     report(args, result)
+    if args.diagnose:
+        with show_warnings():
+            diagnose_report(args, dataset, detections)
     return 0
 
 
 def model_mode(args) -> int:
-    from detector.evaluation.submission import write_atomic
+    from detector.base.files import atomic_write
 
     with show_warnings():
         path, dataset, summary = detect_dataset(args)
         if path is None:
             return 0
         if args.annotations is None:  # a test list: the result file is the product
-            write_atomic(args.out / "run_summary.json", lambda f: json.dump(summary, f, indent=1))
+            atomic_write(args.out / "run_summary.json", json.dumps(summary, indent=1))
             print("no --annotations: detection only, nothing evaluated")
             return 0
         args.predictions = path
-        result = evaluate(args, dataset, load_predictions(args, dataset))
+        detections = load_predictions(args, dataset)
+        result = evaluate(args, dataset, detections)
     args.json, args.plot = args.out / "evaluation.json", args.out
     report(args, result)
-    write_atomic(args.out / "per_class.txt", lambda f: f.write(result.table() + "\n"))
-    write_atomic(args.out / "run_summary.json", lambda f: json.dump(summary | {"mAP": result.mAP}, f, indent=1))
+    atomic_write(args.out / "per_class.txt", result.table() + "\n")
+    atomic_write(args.out / "run_summary.json", json.dumps(summary | {"mAP": result.mAP}, indent=1))
+    if args.diagnose:
+        with show_warnings():
+            diagnose_report(args, dataset, detections)
     return 0
 
 

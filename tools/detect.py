@@ -16,17 +16,18 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+from detector.base.cli import run_tool
+from detector.base.defaults import PRECISIONS
+from detector.base.errors import UserError
+from detector.base.files import atomic_write
+from detector.base.threads import add_threads_argument, configure_threads
 
-from detector.cli import run_tool
-from detector.errors import UserError
-from detector.io import load_image
-from detector.pipeline import NO_DEFAULT_MODEL, PRECISIONS, Detections, load_detector
+if TYPE_CHECKING:
+    from detector.pipeline import Detections
 
-DEFAULT_MODEL_HINT = NO_DEFAULT_MODEL  # kept for callers of the first version of this tool
 DRAWN_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the hardware has it natively, else fp32")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
@@ -127,17 +129,19 @@ def json_record(image: str, detections: Detections) -> dict:
 
 
 def write_json(path: str, records: list[dict]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, target)
+    atomic_write(path, json.dumps(records, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_threads(args.threads)  # before torch is imported
+    # the library (torch, torchvision, numba) after parsing, so that --help and bad flags answer at once
+    from tqdm import tqdm
+
+    from detector.base.io import load_image
+    from detector.draw import draw_detections, save_image
+    from detector.pipeline import load_detector
+
     outputs = drawn_paths(args.images, args.out)
     detector = load_detector(args.model, device=args.device, precision=args.precision,
                              proposals=proposal_source(args.proposals), max_proposals=args.max_proposals,
@@ -150,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
             image = load_image(image_path)
             detections = detector(image, image_name=image_path)
             if drawn is not None:
-                from detector.draw import draw_detections, save_image
-
                 save_image(drawn, draw_detections(image, detections))
         except UserError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)

@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from detector.cli import run_tool
-from detector.errors import UserError
+from detector.base.cli import run_tool
+from detector.base.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

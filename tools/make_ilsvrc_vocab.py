@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detector.cli import run_tool
-from detector.vocab import read_meta_det
+from detector.base.cli import run_tool
+from detector.base.files import atomic_write
+from detector.base.vocab import read_meta_det
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "detector" / "resources" / "ilsvrc_det200.tsv"
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     vocab = read_meta_det(args.meta)
     lines = ["id\twnid\tname"] + [f"{i}\t{w}\t{n}" for i, w, n in zip(vocab.ids, vocab.wnids, vocab.names)]
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write(args.out, "\n".join(lines) + "\n")
     print(f"wrote {len(vocab)} classes to {args.out}")
     return 0
 

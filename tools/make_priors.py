@@ -16,10 +16,8 @@ import argparse
 import json
 import sys
 
-from detector.cli import run_tool
-from detector.errors import UserError
-from proposals.multibox_data import open_dataset
-from proposals.priors import kmeans_priors, mean_best_iou, normalized_gt_boxes, save_priors
+from detector.base.cli import run_tool
+from detector.base.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most (default 100)")
     parser.add_argument("--out", required=True, help="output JSON file")
     args = parser.parse_args(argv)
+    # the library (readers, scipy) after parsing, so that --help and bad flags answer at once
+    from detector.data import open_dataset
+    from proposals.priors import kmeans_priors, mean_best_iou, normalized_gt_boxes, save_priors
 
     dataset = open_dataset(args.annotations, args.split, args.image_list)
     boxes = normalized_gt_boxes(dataset.records)

@@ -5,9 +5,11 @@
     python tools/precompute_proposals.py val.txt --out part0.store --shard 0/4     # machine 0 of 4
     torchrun --nproc-per-node 8 tools/precompute_proposals.py val.txt --out shared.store   # RANK/WORLD_SIZE
     python tools/precompute_proposals.py --merge part0.store part1.store ... --out val.store
+    python tools/precompute_proposals.py --verify val.store        # check every part's checksums
 
 The store is a folder; reruns skip finished images, so a killed run is resumed by running the same
-command again. Images that cannot be read are recorded with their reason and listed at the end; the
+command again (it also removes what a killed run left and sets damaged parts aside, as
+``<part>.damaged``, redoing their images). Images that cannot be read are recorded with their reason and listed at the end; the
 exit code is 0 unless --strict is given and some failed (then 1). Read the store with
 ``proposals.ProposalStore(path)[image_name] -> (boxes, scores or None)``.
 """
@@ -18,11 +20,11 @@ import argparse
 import json
 import sys
 
-from detector.cli import run_tool
-from detector.errors import UserError
-from proposals.precompute import PrecomputeConfig, list_images, parse_shard, precompute
-from proposals.propose import METHODS
-from proposals.store import ProposalStore, merge
+from detector.base.cli import run_tool
+from detector.base.defaults import PROPOSAL_METHODS as METHODS
+from detector.base.errors import UserError
+from detector.base.files import atomic_open
+from detector.base.threads import add_threads_argument, configure_threads
 
 
 def parse_value(text: str):
@@ -38,7 +40,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="a folder of images or a list file (one image name or path per line); with --merge: stores")
-    p.add_argument("--out", required=True, help="the store folder to write")
+    p.add_argument("--out", help="the store folder to write (required except with --verify)")
     p.add_argument("--image-root", help="folder the list's names are relative to (default: the list's folder)")
     p.add_argument("--method", default="ss-fast", help=f"proposal method: {', '.join(METHODS)} (default ss-fast)")
     p.add_argument("--max-side", type=int, default=None, help="Selective Search working size (default 500)")
@@ -48,11 +50,14 @@ def parse_args(argv):
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the method, repeatable (e.g. --option seed=3)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    add_threads_argument(p)  # the MultiBox network of methods multibox and googlenet, per worker
     p.add_argument("--shard", help="K/N: do shard K of N (default: RANK/WORLD_SIZE from torchrun, else all)")
     p.add_argument("--chunk-size", type=int, default=64, help="images per atomic write (default 64)")
     p.add_argument("--retry-failed", action="store_true", help="try again the images recorded as failed")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--merge", action="store_true", help="merge the INPUT stores into --out and stop")
+    p.add_argument("--verify", action="store_true",
+                   help="check every part of the INPUT stores (checksums of every image) and stop; exit 2 if damaged")
     p.add_argument("--json", help="write the run's report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -72,8 +77,36 @@ def method_options(args) -> tuple[tuple[str, object], ...]:
     return tuple(sorted(options.items()))
 
 
+def verify_stores(paths) -> int:
+    """``--verify``: one line per store, one per damaged part; a damaged part is a one-line error."""
+    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.store import REPAIR, verify
+
+    damaged = {}
+    for path in paths:
+        report = verify(path)
+        print(f"{path}: {report.parts} parts, {report.images} images checked, {len(report.damaged)} damaged"
+              + (f", {len(report.unchecked)} of the first format (no checksums: layout checked only)"
+                 if report.unchecked else ""))
+        for part, reason in report.damaged.items():
+            print(f"damaged: {part}: {reason}")
+        damaged.update(report.damaged)
+    if damaged:
+        raise UserError(f"{len(damaged)} damaged proposal store parts (first: {next(iter(damaged))}); {REPAIR}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_threads(args.threads, processes=args.workers)  # before torch is imported
+    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.precompute import PrecomputeConfig, list_images, parse_shard, precompute
+    from proposals.store import ProposalStore, merge
+
+    if args.verify:
+        return verify_stores(args.inputs)
+    if args.out is None:
+        raise UserError("--out is required: the store folder to write")
     if args.merge:
         target = merge(args.inputs, args.out)
         if target is None:
@@ -93,13 +126,18 @@ def main(argv=None) -> int:
                               retry_failed=args.retry_failed)
     report = precompute(entries, args.out, config, progress=not args.no_progress)
     k, n = config.shard
+    if report.cleaned:
+        print(f"removed {report.cleaned} temporary files left by a killed run", file=sys.stderr)
+    for part, reason in report.set_aside.items():
+        print(f"warning: set aside damaged part {part} ({reason}); its images were done again; delete it at will",
+              file=sys.stderr)
     print(f"shard {k}/{n}: {report.total} images, {report.skipped} already done, {report.done} processed "
           f"in {report.seconds:.1f} s ({report.images_per_second:.2f} img/s), {len(report.failures)} failed; "
           f"store {args.out} {'complete' if report.complete else 'incomplete'}")
     for name, reason in report.failures.items():
         print(f"failed: {name}: {reason}")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_open(args.json) as f:
             json.dump({"shard": [k, n], "total": report.total, "skipped": report.skipped, "done": report.done,
                        "seconds": report.seconds, "images_per_second": report.images_per_second,
                        "complete": report.complete, "failures": report.failures}, f, indent=1)

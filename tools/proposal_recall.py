@@ -18,10 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from detector.cli import run_tool
-from detector.errors import UserError
-from proposals.propose import METHODS
-from proposals.recall import MethodSpec, evaluate, format_table, plot_recall
+from detector.base.cli import run_tool
+from detector.base.defaults import PROPOSAL_METHODS as METHODS
+from detector.base.errors import UserError
+from detector.base.files import atomic_open
+from detector.base.threads import add_threads_argument, configure_threads
 
 
 def parse_args(argv):
@@ -44,6 +45,7 @@ def parse_args(argv):
     p.add_argument("--json", metavar="OUT", help="write all figures (with recall curves) as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw recall against the number of proposals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)  # the MultiBox network of methods multibox and googlenet
     return p.parse_args(argv)
 
 
@@ -59,7 +61,10 @@ def load_dataset(args):
     return read_ilsvrc_det(args.ilsvrc, args.annotations, image_root=args.image_root)
 
 
-def method_specs(args) -> list[MethodSpec]:
+def method_specs(args) -> list:
+    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.recall import MethodSpec
+
     common = {k: v for k, v in (("max_side", args.max_side), ("superpixel_scale", args.superpixel_scale),
                                 ("max_boxes", args.max_boxes)) if v is not None}
     specs = []
@@ -84,7 +89,10 @@ def method_specs(args) -> list[MethodSpec]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_threads(args.threads)  # before torch is imported
     specs = method_specs(args)
+    from proposals.recall import evaluate, format_table, plot_recall  # after parsing, as above
+
     dataset = load_dataset(args)
     if len(dataset) == 0:
         raise UserError("the dataset has no images")
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
         if r["missing"]:
             print(f"warning: {label}: {r['missing']} images not in the store (counted as no proposals)")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_open(args.json) as f:
             json.dump({"dataset": dataset.name, "results": results}, f, indent=1)
     if args.plot:
         plot_recall(results, args.plot, title=f"{dataset.name}, {n} images")

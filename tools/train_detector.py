@@ -18,8 +18,10 @@ import argparse
 import json
 import sys
 
-from detector.cli import run_tool
-from detector.errors import UserError
+from detector.base.cli import run_tool
+from detector.base.defaults import MAX_PROPOSALS
+from detector.base.errors import UserError
+from detector.base.threads import add_threads_argument, configure_threads
 
 
 def parse_args(argv):
@@ -41,7 +43,8 @@ def parse_args(argv):
     g.add_argument("--proposal-options", default='{"max_side": 500}',
                    help='JSON options of the method (default: {"max_side": 500})')
     g.add_argument("--proposal-cache", help="folder keeping computed proposals (default: OUT/proposals)")
-    g.add_argument("--max-proposals", type=int, default=2000, help="proposals per training image (default: 2000)")
+    g.add_argument("--max-proposals", type=int, default=MAX_PROPOSALS,
+                   help=f"proposals per training image (default: {MAX_PROPOSALS})")
     g.add_argument("--eval-max-proposals", type=int, default=1000,
                    help="proposals per image at detection, saved in the checkpoint (default: 1000)")
     g = p.add_argument_group("model")
@@ -87,7 +90,7 @@ def parse_args(argv):
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="mixed precision (auto: bf16 on a GPU, none on the CPU)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process")
+    add_threads_argument(g)
     g.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true")
@@ -144,10 +147,7 @@ def build_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)  # before torch is imported
     from dataclasses import replace
 
     from detector.classifier import ClassifierConfig

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from detector.cli import run_tool
-from detector.errors import UserError
+from detector.base.cli import run_tool
+from detector.base.errors import UserError
+from detector.base.threads import add_threads_argument, configure_threads
 
 
 def parse_args(argv):
@@ -78,7 +78,7 @@ def parse_args(argv):
                      help="held-out measure that picks the best checkpoint (default mabo)")
     run.add_argument("--log-every", type=int, default=20)
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_threads_argument(run)
     run.add_argument("--workers", type=int, default=0, help="data-loading processes")
     run.add_argument("--export", help="write the best (else last) model here as NAME.safetensors + NAME.json")
     run.add_argument("--half", action="store_true", help="with --export: store the weights as float16")
@@ -86,87 +86,52 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def build_config(args):
+    """The run's :class:`MultiBoxTrainConfig` from the arguments; a bad value is a :class:`UserError`."""
+    from detector.training.engine import EngineConfig
+    from detector.training.multibox import DatasetSource, MultiBoxTrainConfig
+    from detector.training.schedule import ScheduleConfig
+    from proposals.multibox import MultiBoxConfig
+
+    val = None
+    if args.val_annotations:
+        val = DatasetSource(args.val_annotations, args.val_split, args.val_image_list, args.val_image_root)
+    try:
+        model = MultiBoxConfig(num_priors=args.num_priors, input_size=args.input_size, trunk_end=args.trunk_end,
+                               head_channels=args.head_channels, head_grid=args.head_grid,
+                               head_hidden=args.head_hidden, dropout=args.dropout, alpha=args.alpha,
+                               match_to_priors=args.match_to_priors, nms_iou=args.nms_iou, top_k=args.top_k)
+        schedule = ScheduleConfig(base_lr=args.lr, iterations=args.iterations, warmup_iters=args.warmup_iters,
+                                  kind=args.schedule, steps=tuple(args.steps))
+        engine = EngineConfig(out_dir=args.out, schedule=schedule, momentum=args.momentum,
+                              weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
+                              eval_every=args.eval_every, metric=args.metric, log_every=args.log_every,
+                              amp=args.amp, grad_clip=args.grad_clip, num_workers=args.workers,
+                              seed=args.seed, progress=not args.no_progress)
+    except ValueError as err:
+        raise UserError(f"bad option: {err}") from None
+    return MultiBoxTrainConfig(
+        train=DatasetSource(args.annotations, args.split, args.image_list, args.image_root), engine=engine,
+        model=model, priors_file=args.priors, backbone_weights=args.backbone_weights, val=val,
+        batch_size=args.batch_size, preload=not args.no_preload, resume=args.resume, export=args.export,
+        half=args.half)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
+    configure_threads(args.threads)  # before torch is imported
+    # the library (torch) after parsing, so that --help and bad flags answer at once
     from detector.training.distributed import cleanup, init_distributed
-    from detector.training.engine import EngineConfig
-    from detector.training.schedule import ScheduleConfig
-    from proposals.multibox import MultiBox, MultiBoxConfig, load_multibox, save_multibox
-    from proposals.multibox_data import BatchConfig, ResizedImages, open_dataset
-    from proposals.multibox_training import train_multibox
-    from proposals.priors import kmeans_priors, load_priors, mean_best_iou, normalized_gt_boxes
+    from detector.training.multibox import run_multibox_training
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    config = build_config(args)
     ctx = init_distributed(args.device)
-    report = print if ctx.is_main else (lambda *_: None)
     try:
-        train_set = open_dataset(args.annotations, args.split, args.image_list, args.image_root)
-        if len(train_set) == 0:
-            raise UserError(f"training set '{args.annotations}' has no images; check the split or list")
-        boxes = normalized_gt_boxes(train_set.records)
-        if args.priors:
-            priors = load_priors(args.priors)
-            priors_source = str(args.priors)
-        else:
-            try:
-                priors = kmeans_priors(boxes, args.num_priors, seed=args.seed)
-            except ValueError as err:
-                raise UserError(f"training set '{args.annotations}': {err}") from None
-            priors_source = f"k-means of the training boxes, k={args.num_priors}, seed {args.seed}"
-        report(f"{len(priors)} priors ({priors_source}); they cover the training boxes with mean best IoU "
-               f"{mean_best_iou(boxes, priors):.3f}")
-        # torchvision's ImageNet GoogLeNet weights were trained on inputs in [-1, 1] (its transform_input)
-        norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)} if args.backbone_weights else {}
-        try:
-            config = MultiBoxConfig(num_priors=len(priors), input_size=args.input_size, trunk_end=args.trunk_end,
-                                    head_channels=args.head_channels, head_grid=args.head_grid,
-                                    head_hidden=args.head_hidden, dropout=args.dropout, alpha=args.alpha,
-                                    match_to_priors=args.match_to_priors, nms_iou=args.nms_iou, top_k=args.top_k,
-                                    **norm)
-            schedule = ScheduleConfig(base_lr=args.lr, iterations=args.iterations, warmup_iters=args.warmup_iters,
-                                      kind=args.schedule, steps=tuple(args.steps))
-            engine = EngineConfig(out_dir=args.out, schedule=schedule, momentum=args.momentum,
-                                  weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                                  eval_every=args.eval_every, metric=args.metric, log_every=args.log_every,
-                                  amp=args.amp, grad_clip=args.grad_clip, num_workers=args.workers,
-                                  seed=args.seed, progress=not args.no_progress)
-        except ValueError as err:
-            raise UserError(f"bad option: {err}") from None
-        torch.manual_seed(args.seed)
-        model = MultiBox(config, priors, args.backbone_weights,
-                         expected_per_image=len(boxes) / max(1, len(train_set)))
-        preload = not args.no_preload
-        train_images = ResizedImages(train_set, args.input_size, preload=preload, progress=ctx.is_main)
-        val_images = None
-        if args.val_annotations:
-            val_set = open_dataset(args.val_annotations, args.val_split, args.val_image_list, args.val_image_root)
-            val_images = ResizedImages(val_set, args.input_size, preload=True, progress=ctx.is_main)
-        failed = train_images.failed + (val_images.failed if val_images else [])
-        if failed:
-            report(f"{len(failed)} unreadable image(s) skipped: " + "; ".join(p for p, _ in failed[:5])
-                   + (" ..." if len(failed) > 5 else ""))
-        data_key = {"annotations": str(args.annotations), "split": args.split, "images": len(train_images),
-                    "priors": priors_source}
-        result = train_multibox(model, train_images, BatchConfig(args.batch_size, True, args.seed), engine, ctx,
-                                val_images, args.resume, data_key, report)
-        if ctx.is_main:
-            out = Path(args.out)
-            chosen = out / ("best.safetensors" if (out / "best.safetensors").exists() else "last.safetensors")
-            summary = {"out": str(out), "iterations": result.iterations, "seconds": round(result.seconds, 1),
-                       "best_" + args.metric: result.best_metric, "best_iteration": result.best_iteration,
-                       "chosen": str(chosen)}
-            if args.export:
-                trained = load_multibox(chosen)
-                extra = {"training": {**trained.config.training, "priors": priors_source,
-                                      "annotations": str(args.annotations)}}
-                save_multibox(args.export, trained, half=args.half, extra=extra)
-                summary["export"] = str(args.export)
-            print(json.dumps(summary))
+        summary = run_multibox_training(config, ctx, report=print if ctx.is_main else (lambda *_: None))
     finally:
         cleanup(ctx)
+    if ctx.is_main:
+        print(json.dumps(summary))
     return 0
 
 

@@ -10,6 +10,7 @@ from detector.data.ilsvrc import (
     read_split_in_val,
     train_pos_list,
 )
+from detector.data.named import open_dataset
 from detector.data.records import Dataset, ImageRecord
 from detector.data.voc import parse_voc_xml, read_voc
 
@@ -17,6 +18,7 @@ __all__ = [
     "Dataset",
     "IlsvrcDataset",
     "ImageRecord",
+    "open_dataset",
     "parse_voc_xml",
     "read_blacklist",
     "read_coco",

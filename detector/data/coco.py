@@ -1,6 +1,6 @@
 """COCO JSON reader (instances format): images, categories, annotations with ``iscrowd``.
 
-Boxes enter the project's convention only through :func:`detector.boxes.coco_to_xyxy`.
+Boxes enter the project's convention only through :func:`detector.base.boxes.coco_to_xyxy`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import coco_to_xyxy
+from detector.base.boxes import coco_to_xyxy
+from detector.base.errors import UserError
+from detector.base.vocab import Vocabulary
 from detector.data.records import Dataset, ImageRecord
-from detector.errors import UserError
-from detector.vocab import Vocabulary
 
 
 def read_json_file(path: str | Path, what: str):

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from detector.boxes import voc_to_xyxy
+from detector.base.boxes import voc_to_xyxy
+from detector.base.errors import UserError
+from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary
 from detector.data.records import Dataset, ImageRecord
-from detector.data.voc import _parse_root, _read_bytes
-from detector.errors import UserError
-from detector.vocab import Vocabulary, ilsvrc_det_vocabulary
+from detector.data.voc import parse_annotation_bytes, read_annotation_bytes
 
 
 @dataclass
@@ -125,7 +125,7 @@ def read_ilsvrc_det(image_list: str | Path | Sequence[tuple[str, int]], annotati
 
     image_list: a ``val.txt``-style file or ``(image name, image id)`` pairs.
     annotations_dir: folder of ``<image name>.xml`` (names may hold subfolders).
-    vocab: the classes (wnids required); default: :func:`detector.vocab.ilsvrc_det_vocabulary`.
+    vocab: the classes (wnids required); default: :func:`detector.base.vocab.ilsvrc_det_vocabulary`.
     blacklist: a blacklist file or ``(image id, label)`` pairs; kept for the listed images only.
     image_root: where the ``<image name>.JPEG`` files are (optional; the images are not needed to evaluate).
 
@@ -155,7 +155,7 @@ def read_ilsvrc_det(image_list: str | Path | Sequence[tuple[str, int]], annotati
     sizes, counts, all_boxes, all_labels = [], [], [], []
     for name, _ in tqdm(entries, desc="reading annotations", unit="xml", disable=not progress, mininterval=0.5):
         xml_path = os.path.join(folder, name + ".xml")
-        _, image_size, names, boxes, _ = _parse_root(_read_bytes(xml_path), xml_path)
+        _, image_size, names, boxes, _ = parse_annotation_bytes(read_annotation_bytes(xml_path), xml_path)
         for wnid in names:
             label = label_of.get(wnid)
             if label is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.vocab import Vocabulary
+from detector.base.vocab import Vocabulary
 
 
 def _empty_boxes() -> np.ndarray:

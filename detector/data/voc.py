@@ -2,7 +2,7 @@
 
 The XML parser here is shared with the ILSVRC DET reader, whose annotations use the same layout
 (object names are wnids there). XML coordinates are 1-based and inclusive; they enter the project's
-convention only through :func:`detector.boxes.voc_to_xyxy`.
+convention only through :func:`detector.base.boxes.voc_to_xyxy`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import voc_to_xyxy
+from detector.base.boxes import voc_to_xyxy
+from detector.base.errors import UserError
+from detector.base.vocab import Vocabulary
 from detector.data.records import Dataset, ImageRecord
-from detector.errors import UserError
-from detector.vocab import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,10 @@ def _number(node: ET.Element, tag: str, path, what: str) -> float:
 _BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
 
 
-def _parse_root(data: bytes, path) -> tuple[str, tuple[int, int] | None, list[str], list[list[float]], list[bool]]:
+def parse_annotation_bytes(data: bytes, path
+                           ) -> tuple[str, tuple[int, int] | None, list[str], list[list[float]], list[bool]]:
+    """One VOC/ILSVRC XML document -> ``(filename, (h, w) or None, names, boxes [xmin, ymin, xmax, ymax]
+    1-based inclusive as in the file, difficult flags)``; ``path`` only names the file in errors."""
     try:
         root = ET.fromstring(data)
     except ET.ParseError as err:
@@ -80,7 +83,8 @@ def _parse_root(data: bytes, path) -> tuple[str, tuple[int, int] | None, list[st
     return (root.findtext("filename") or "").strip(), image_size, names, boxes, difficult
 
 
-def _read_bytes(path) -> bytes:
+def read_annotation_bytes(path) -> bytes:
+    """The bytes of an annotation file; a missing or unreadable file is a :class:`UserError`."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -92,7 +96,7 @@ def _read_bytes(path) -> bytes:
 
 def parse_voc_xml(path: str | Path) -> VocAnnotation:
     """Parse one VOC/ILSVRC XML file; a missing or malformed file is a :class:`UserError`."""
-    filename, image_size, names, boxes, difficult = _parse_root(_read_bytes(path), path)
+    filename, image_size, names, boxes, difficult = parse_annotation_bytes(read_annotation_bytes(path), path)
     return VocAnnotation(
         filename=filename,
         image_size=image_size,

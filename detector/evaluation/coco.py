@@ -6,6 +6,14 @@ COCO ground truth: box areas stand in for segment areas, VOC ``difficult`` objec
 ``iscrowd`` (ignored regions, as in common VOC-to-COCO conversions), string image ids are numbered
 1..N in record order. Detections are the standard COCO results JSON (a list of ``{"image_id",
 "category_id", "bbox": [x, y, w, h], "score"}``) or the in-memory mapping.
+
+Results are checked as the ILSVRC and VOC readers check lines (:func:`check_results`), so the mAP never
+moves without a word: a malformed result, a non-finite number, a category that is not in the ground
+truth, or a negative width or height is a :class:`UserError` naming the result's index (pycocotools
+would ignore the category, and count a negative box as outside every area range). Results on images
+that are not in the ground truth are dropped and counted with a warning (``num_dropped_unlisted``), as
+in the other protocols; boxes of zero width or height are scored as pycocotools does (never a match,
+so false positives) and counted with a warning (``num_empty_boxes``).
 """
 
 from __future__ import annotations
@@ -19,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import coco_to_xyxy, xyxy_to_coco
+from detector.base.boxes import coco_to_xyxy, xyxy_to_coco
+from detector.base.errors import UserError
+from detector.base.files import atomic_open
 from detector.data.coco import coco_vocabulary, load_coco_json, read_json_file
 from detector.data.records import Dataset
-from detector.errors import UserError
 from detector.evaluation.detections import unpack
 from detector.evaluation.result import EvalResult
-from detector.evaluation.submission import write_atomic
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -79,7 +87,8 @@ def detections_to_coco(detections: Mapping, dataset: Dataset | None = None, voca
 def write_coco_results(path: str | Path, detections: Mapping, dataset: Dataset) -> int:
     """Write detections as a standard COCO results JSON (atomically); returns the number of results."""
     results = detections_to_coco(detections, dataset)
-    write_atomic(path, lambda f: json.dump(results, f))
+    with atomic_open(path) as f:
+        json.dump(results, f)
     return len(results)
 
 
@@ -87,13 +96,59 @@ def _load_results(path: Path) -> list[dict]:
     results = read_json_file(path, "COCO results file")
     if not isinstance(results, list):
         raise UserError(f"{path}: expected a COCO results list [{{'image_id', 'category_id', 'bbox', 'score'}}, ...]")
-    for n, r in enumerate(results):
-        if not (isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"} <= r.keys()
-                and isinstance(r["bbox"], list) and len(r["bbox"]) == 4
-                and all(isinstance(v, (int, float)) and np.isfinite(v) for v in [*r["bbox"], r["score"]])):
-            raise UserError(f"{path}: result {n} is not {{'image_id', 'category_id', 'bbox': [x, y, w, h], "
-                            "'score'}} with finite numbers")
     return results
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _result_problem(r, category_ids) -> str | None:
+    """What is wrong with one COCO result, or None (see :func:`check_results`)."""
+    if not (isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"} <= r.keys()):
+        return "is not {'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}"
+    bbox, cid, image_id = r["bbox"], r["category_id"], r["image_id"]
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+            and _is_number(r["score"])):
+        return "needs 'bbox': [x, y, w, h] and 'score' as numbers"
+    if not all(np.isfinite(v) for v in [*bbox, r["score"]]):
+        return "has a NaN or infinite number"
+    if not isinstance(image_id, (int, str, np.integer)) or isinstance(image_id, bool):
+        return f"image_id {image_id!r} is not an integer"
+    if not isinstance(cid, (int, np.integer)) or isinstance(cid, bool) or cid not in category_ids:
+        return f"category_id {cid!r} is not a category of the ground truth ({len(category_ids)} categories)"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"negative width or height {bbox[2]!r} x {bbox[3]!r}"
+    return None
+
+
+def check_results(results: list, source: str, category_ids, image_ids=None) -> tuple[list, dict]:
+    """Check a COCO results list: returns the results on known images (all if ``image_ids`` is None) and
+    counts ``{"num_dropped_unlisted", "num_empty_boxes"}``, each with a warning when not zero.
+
+    Refused with a :class:`UserError` naming ``source`` and the result's index (0-based): a result that
+    is not ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``, a NaN or infinite number, a
+    ``category_id`` not in ``category_ids``, a negative width or height.
+    """
+    category_ids = {int(c) for c in category_ids}
+    listed, empty, first_empty = [], 0, None
+    for n, r in enumerate(results):
+        problem = _result_problem(r, category_ids)
+        if problem is not None:
+            raise UserError(f"{source}: result {n} {problem}; fix or remove it")
+        if r["bbox"][2] == 0 or r["bbox"][3] == 0:
+            empty += 1
+            first_empty = n if first_empty is None else first_empty
+        if image_ids is None or r["image_id"] in image_ids:
+            listed.append(r)
+    dropped = len(results) - len(listed)
+    if dropped:
+        warnings.warn(f"{source}: dropped {dropped} results on images that are not in the ground truth",
+                      stacklevel=3)
+    if empty:
+        warnings.warn(f"{source}: {empty} results have zero width or height (first: result {first_empty}); "
+                      "scored as pycocotools does, as false positives", stacklevel=3)
+    return listed, {"num_dropped_unlisted": dropped, "num_empty_boxes": empty}
 
 
 def evaluate_coco(dataset_or_coco_json: Dataset | str | Path, detections: Mapping | str | Path | list,
@@ -121,15 +176,20 @@ def evaluate_coco(dataset_or_coco_json: Dataset | str | Path, detections: Mappin
             warnings.warn(f"{dataset_or_coco_json}: an annotation has id 0; pycocotools counts a match to it as a "
                           "false positive (pass the dataset from read_coco to number annotations from 1)",
                           stacklevel=2)
+    skipped = 0  # in-memory detections of images the dataset does not have
     if isinstance(detections, (str, Path)):
-        results = _load_results(Path(detections))
+        source, results = str(detections), _load_results(Path(detections))
     elif isinstance(detections, list):
-        results = detections
+        source, results = "COCO results", detections
     else:
-        results = detections_to_coco(detections, vocab=vocab, image_ids=image_ids)
+        source, results = "detections", detections_to_coco(detections, vocab=vocab, image_ids=image_ids)
+        if image_ids is not None:
+            skipped = sum(len(unpack(v)[1]) for k, v in detections.items() if k not in image_ids)
+            if skipped:
+                warnings.warn(f"dropped {skipped} detections on images that are not in the dataset", stacklevel=2)
     known_images = {img["id"] for img in gt_dict["images"]}
-    listed = [r for r in results if r["image_id"] in known_images]
-    num_dropped = len(results) - len(listed)
+    listed, counts = check_results(results, source, [c["id"] for c in gt_dict["categories"]], known_images)
+    num_dropped = counts["num_dropped_unlisted"] + skipped
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         coco_gt = COCO()
@@ -164,7 +224,8 @@ def evaluate_coco(dataset_or_coco_json: Dataset | str | Path, detections: Mappin
             curves[int(cid)] = (recall_points, precision[0, :, k, 0, -1].clip(0))  # the IoU 0.5 curve
     names = {int(c["id"]): str(c["name"]) for c in gt_dict["categories"]}
     summary = [line for line in log.getvalue().splitlines() if line.startswith(" Average")]
-    extra = {"stats": dict(zip(STAT_NAMES, stats)), "summary": summary, "num_dropped_unlisted": num_dropped}
+    extra = {"stats": dict(zip(STAT_NAMES, stats)), "summary": summary, "num_dropped_unlisted": num_dropped,
+             "num_empty_boxes": counts["num_empty_boxes"]}
     return EvalResult(
         protocol="coco", variant=VARIANT, mAP=stats[0], ap=aps, positives=positives, class_names=names,
         num_images=len(gt_dict["images"]), num_predictions=len(listed), curves=curves, extra=extra,
@@ -173,16 +234,21 @@ def evaluate_coco(dataset_or_coco_json: Dataset | str | Path, detections: Mappin
 
 def coco_results_to_detections(results: list[dict] | str | Path, dataset: Dataset) -> dict:
     """Image id -> ``(boxes float64 (N, 4) project xyxy, scores (N,), labels (N,) 1..C)`` of COCO results
-    (a list or a results JSON path) on ``dataset``; results of unknown categories are a :class:`UserError`."""
+    (a list or a results JSON path) on ``dataset``. Refused as by :func:`check_results` (e.g. a category not
+    in the dataset's vocabulary is a :class:`UserError` with the result's index); results on images the
+    dataset lacks are kept under their id, for the evaluator to drop and count."""
+    source = str(results) if isinstance(results, (str, Path)) else "COCO results"
     if isinstance(results, (str, Path)):
         results = _load_results(Path(results))
+    category_ids = {int(c) for c in dataset.vocab.ids}
+    for n, r in enumerate(results):  # refused as check_results does; the evaluator counts and warns
+        problem = _result_problem(r, category_ids)
+        if problem is not None:
+            raise UserError(f"{source}: result {n} {problem}; fix or remove it")
     back = {coco_id: image_id for image_id, coco_id in _coco_image_ids(dataset).items()}
     grouped: dict = {}
-    for n, r in enumerate(results):
-        try:
-            label = dataset.vocab.label_of_id(int(r["category_id"]))
-        except KeyError:
-            raise UserError(f"result {n}: category {r['category_id']} is not in the dataset's vocabulary") from None
+    for r in results:
+        label = dataset.vocab.label_of_id(int(r["category_id"]))
         grouped.setdefault(back.get(r["image_id"], r["image_id"]), []).append((r["bbox"], r["score"], label))
     out = {}
     for image_id, items in grouped.items():

@@ -31,12 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import xyxy_to_voc
+from detector.base.boxes import xyxy_to_voc
+from detector.data.ilsvrc import read_blacklist
 from detector.data.records import Dataset
 from detector.evaluation.ap import average_precision, mean_of, precision_recall
 from detector.evaluation.detections import flatten_detections, flatten_ground_truth
 from detector.evaluation.ranking import descending_ranks, group_by_small_int, order_by
 from detector.evaluation.result import EvalResult
+from detector.evaluation.submission import read_ilsvrc_predictions
 
 DEFAULT_IOU_THRESHOLD = 0.5  # objects of at least ~25x25 pixels match at IoU in [0.5, 1]
 PIXEL_TOLERANCE = 10  # smaller objects: thr = w*h / ((w + 10)(h + 10)), ~5 pixels of slack per side
@@ -192,8 +194,6 @@ def _blacklist_keys(dataset: Dataset, blacklist, stride: int) -> np.ndarray:
     if blacklist is None:
         blacklist = getattr(dataset, "blacklist", None) or ()
     elif isinstance(blacklist, (str, Path)):
-        from detector.data.ilsvrc import read_blacklist
-
         blacklist = read_blacklist(blacklist, dataset.vocab)
     index_of = {r.image_id: i for i, r in enumerate(dataset.records)}
     keys = [index_of[image_id] * stride + int(label) for image_id, label in blacklist if image_id in index_of]
@@ -266,8 +266,6 @@ def evaluate_ilsvrc(dataset: Dataset, detections: Mapping | str | Path,
     Detections on images not in the dataset are dropped with a warning (the devkit would crash).
     """
     if isinstance(detections, (str, Path)):
-        from detector.evaluation.submission import read_ilsvrc_predictions
-
         preds = read_ilsvrc_predictions(detections, dataset.vocab.ids, strict_boxes=strict_boxes, progress=progress)
         return evaluate_predictions(dataset, preds, blacklist=blacklist, keep_curves=keep_curves)
     flat = flatten_detections(dataset, detections)

@@ -3,47 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from detector.base.files import atomic_open, atomic_path
 from detector.evaluation.result import EvalResult
-from detector.evaluation.submission import write_atomic
 
 
 def format_table(result: EvalResult, max_rows: int | None = None) -> str:
-    """Per-class rows ``id  name  positives  AP`` (class id order) and the mean.
-
-    max_rows: show at most this many rows (the first and last halves), ``None`` for all.
-    """
-    ids = sorted(result.ap)
-    width = max([len("name")] + [len(result.class_names.get(c, "")) for c in ids])
-    lines = [f"{result.protocol} evaluation: {result.variant}",
-             f"{'id':>5}  {'name':<{width}}  {'positives':>9}  {'AP':>8}"]
-    shown = ids
-    if max_rows is not None and len(ids) > max_rows:
-        half = max(max_rows // 2, 1)
-        shown = ids[:half] + [None] + ids[-half:]
-    for cid in shown:
-        if cid is None:
-            lines.append(f"{'...':>5}  ({len(ids) - 2 * half} classes)")
-            continue
-        lines.append(f"{cid:>5}  {result.class_names.get(cid, ''):<{width}}  {result.positives.get(cid, 0):>9}  "
-                     f"{result.ap[cid]:8.6f}")
-    lines.append(f"{'':>5}  {'mean AP':<{width}}  {sum(result.positives.values()):>9}  {result.mAP:8.6f}")
-    lines.append(f"{'':>5}  {'median AP':<{width}}  {'':>9}  {result.median_ap:8.6f}")
-    lines.append(f"{len(ids)} classes with positives, {result.num_images} images, "
-                 f"{result.num_predictions} predictions")
-    stats = result.extra.get("stats")
-    if stats:
-        lines.append("COCO: " + "  ".join(f"{k}={v:.3f}" for k, v in stats.items()))
-    return "\n".join(lines)
+    """Per-class rows ``id  name  positives  AP`` (class id order) and the mean; see :meth:`EvalResult.table`."""
+    return result.table(max_rows=max_rows)
 
 
 def save_json(result: EvalResult, path: str | Path) -> None:
     """Write ``result.to_dict()`` to ``path`` atomically."""
-    write_atomic(path, lambda f: json.dump(result.to_dict(), f, indent=2))
+    with atomic_open(path) as f:
+        json.dump(result.to_dict(), f, indent=2)
 
 
 def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -> list[Path]:
@@ -94,8 +70,7 @@ def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -
 
 
 def _save(fig, path: Path, plt) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -59,7 +59,29 @@ class EvalResult:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self, max_rows: int | None = None) -> str:
-        """A readable per-class table (id, name, positives, AP) and the mean."""
-        from detector.evaluation.report import format_table
+        """A readable per-class table: rows ``id  name  positives  AP`` (class id order), the mean and median.
 
-        return format_table(self, max_rows=max_rows)
+        max_rows: show at most this many rows (the first and last halves), ``None`` for all.
+        """
+        ids = sorted(self.ap)
+        width = max([len("name")] + [len(self.class_names.get(c, "")) for c in ids])
+        lines = [f"{self.protocol} evaluation: {self.variant}",
+                 f"{'id':>5}  {'name':<{width}}  {'positives':>9}  {'AP':>8}"]
+        shown = ids
+        if max_rows is not None and len(ids) > max_rows:
+            half = max(max_rows // 2, 1)
+            shown = ids[:half] + [None] + ids[-half:]
+        for cid in shown:
+            if cid is None:
+                lines.append(f"{'...':>5}  ({len(ids) - 2 * half} classes)")
+                continue
+            lines.append(f"{cid:>5}  {self.class_names.get(cid, ''):<{width}}  {self.positives.get(cid, 0):>9}  "
+                         f"{self.ap[cid]:8.6f}")
+        lines.append(f"{'':>5}  {'mean AP':<{width}}  {sum(self.positives.values()):>9}  {self.mAP:8.6f}")
+        lines.append(f"{'':>5}  {'median AP':<{width}}  {'':>9}  {self.median_ap:8.6f}")
+        lines.append(f"{len(ids)} classes with positives, {self.num_images} images, "
+                     f"{self.num_predictions} predictions")
+        stats = self.extra.get("stats")
+        if stats:
+            lines.append("COCO: " + "  ".join(f"{k}={v:.3f}" for k, v in stats.items()))
+        return "\n".join(lines)

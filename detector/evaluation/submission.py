@@ -1,15 +1,13 @@
 """ILSVRC DET submission files: ``<image id> <class id> <confidence> <xmin> <ymin> <xmax> <ymax>``.
 
 Coordinates are 1-based and inclusive (devkit ``readme.txt`` section 2.4); they leave and enter the
-project's xyxy convention only through :mod:`detector.boxes`.
+project's xyxy convention only through :mod:`detector.base.boxes`.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from detector.boxes import xyxy_to_voc
+from detector.base.boxes import voc_to_xyxy, xyxy_to_voc
+from detector.base.errors import UserError
+from detector.base.files import atomic_open
 from detector.data.records import Dataset
-from detector.errors import UserError
 from detector.evaluation.detections import unpack
 
 NUM_COLUMNS = 7
@@ -159,20 +158,6 @@ def read_ilsvrc_predictions(path: str | Path, class_ids: Sequence[int] = range(1
                              num_inverted=int(inverted.size))
 
 
-def write_atomic(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_ilsvrc_submission(path: str | Path, detections: Mapping, dataset: Dataset) -> int:
     """Write detections (image id -> ``(boxes float (N, 4) project xyxy, scores (N,), labels (N,) 1..C)``) as
     a submission file, in the dataset's record order and each image's given order; returns the line count.
@@ -196,16 +181,13 @@ def write_ilsvrc_submission(path: str | Path, detections: Mapping, dataset: Data
             count += len(scores)
         return count
 
-    counter = {}
-    write_atomic(path, lambda f: counter.setdefault("n", write(f)))
-    return counter["n"]
+    with atomic_open(path) as f:
+        return write(f)
 
 
 def predictions_to_detections(preds: IlsvrcPredictions, dataset: Dataset) -> dict:
     """Image id -> ``(boxes float64 (N, 4) project xyxy, scores (N,), labels (N,) 1..C)`` of parsed submission
     lines (file order kept per image); class ids are mapped through ``dataset.vocab``."""
-    from detector.boxes import voc_to_xyxy
-
     vocab = dataset.vocab
     label_of_id = np.zeros(max(max(vocab.ids), int(preds.class_ids.max(initial=0))) + 1, dtype=np.int64)
     label_of_id[list(vocab.ids)] = np.arange(1, vocab.num_classes + 1)

@@ -19,10 +19,13 @@ the first earlier detection that chose the same object: fully vectorized, no gre
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import xyxy_to_voc
+from detector.base.boxes import voc_to_xyxy, xyxy_to_voc
+from detector.base.errors import UserError
+from detector.base.files import atomic_write
 from detector.data.records import Dataset
 from detector.evaluation.ap import average_precision, average_precision_11point, mean_of, precision_recall
 from detector.evaluation.detections import flatten_detections, flatten_ground_truth
@@ -138,11 +141,6 @@ def read_voc_predictions(path, dataset: Dataset) -> dict:
     Lines naming images outside the dataset are kept (the evaluators drop and count them). A malformed line
     is a :class:`UserError` naming its line number.
     """
-    from pathlib import Path
-
-    from detector.boxes import voc_to_xyxy
-    from detector.errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: prediction file not found")
@@ -177,3 +175,20 @@ def read_voc_predictions(path, dataset: Dataset) -> dict:
         values = np.asarray([v for _, v in items], dtype=np.float64)
         out[image_id] = (voc_to_xyxy(values[:, 1:5]), values[:, 0], labels)
     return out
+
+
+def write_voc_detections(path: str | Path, detections: dict, dataset: Dataset) -> int:
+    """Write ``<image id> <class id> <confidence> <xmin> <ymin> <xmax> <ymax>`` lines (1-based inclusive, the
+    format :func:`detector.evaluation.read_voc_predictions` reads), in record order; returns the line count."""
+    ids = np.asarray(dataset.vocab.ids)
+    lines = []
+    for record in dataset.records:
+        if record.image_id not in detections:
+            continue
+        boxes, scores, labels = detections[record.image_id]
+        voc = xyxy_to_voc(np.asarray(boxes, np.float64))  # project xyxy -> 1-based inclusive
+        lines += [f"{record.image_id} {cid} {s!r} {b[0]!r} {b[1]!r} {b[2]!r} {b[3]!r}\n"
+                  for cid, s, b in zip(ids[np.asarray(labels) - 1].tolist(), np.asarray(scores, np.float64).tolist(),
+                                       voc.tolist())]
+    atomic_write(path, "".join(lines))
+    return len(lines)

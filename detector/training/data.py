@@ -13,6 +13,7 @@ padding, and an antialiasing pyramid for regions larger than the input), from th
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.base.boxes import valid_box_mask
+from detector.base.defaults import IMAGENET_MEAN, IMAGENET_STD, MAX_PROPOSALS
+from detector.base.errors import UserError
+from detector.base.files import atomic_open, atomic_write
+from detector.base.io import ImageError, load_image, read_image_size
 from detector.box_coder import BoxCoder
-from detector.boxes import valid_box_mask
 from detector.data.records import Dataset, ImageRecord
-from detector.io import ImageError, load_image, read_image_size
 from detector.training.sampler import (
     SamplerConfig,
     flip_boxes,
@@ -32,7 +36,7 @@ from detector.training.sampler import (
     regression_mask,
     sample_regions,
 )
-from detector.warp import IMAGENET_MEAN, IMAGENET_STD, default_context, warp_regions
+from detector.warp import default_context, warp_regions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class RegionDataConfig:
 
     input_size: int = 224
     context: int | None = None
-    max_proposals: int = 2000
+    max_proposals: int = MAX_PROPOSALS
     min_proposal_size: float = 2.0
     seed: int = 0
     cache_images: bool = True
@@ -205,10 +209,6 @@ def cached_proposals(fn: ProposalFn, cache_dir: str | Path | None = None, option
     options: what produced the proposals (method, settings); kept in ``cache_dir/options.json``, and a
     cache made with other options is refused rather than silently reused.
     """
-    import json
-
-    from detector.errors import UserError
-
     memory: dict = {}
     folder = Path(cache_dir) if cache_dir is not None else None
     if folder is not None:
@@ -221,7 +221,7 @@ def cached_proposals(fn: ProposalFn, cache_dir: str | Path | None = None, option
                 raise UserError(f"proposal cache '{folder}' was made with {found}, not {wanted}; pass another "
                                 "--proposal-cache folder or delete this one")
         else:
-            meta.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
+            atomic_write(meta, json.dumps(wanted, indent=1))
 
     def wrapped(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
         key = str(rec.image_id)
@@ -233,9 +233,8 @@ def cached_proposals(fn: ProposalFn, cache_dir: str | Path | None = None, option
         else:
             boxes = np.asarray(fn(rec, image), np.float32).reshape(-1, 4)
             if path is not None:
-                tmp = path.with_name(path.stem + ".tmp.npy")
-                np.save(tmp, boxes)
-                tmp.replace(path)
+                with atomic_open(path, "wb") as f:
+                    np.save(f, boxes)
         memory[key] = boxes
         return boxes
 

@@ -12,13 +12,17 @@ The loop knows nothing about detection. It takes
 
 It writes into ``out_dir`` (rank 0 only):
 
-- ``last.safetensors`` + ``last.json``: the model (:func:`detector.checkpoint.save_checkpoint`), every
+- ``last.safetensors`` + ``last.json``: the model (:func:`detector.base.checkpoint.save_checkpoint`), every
   ``checkpoint_every`` iterations and at the end; ``iter_NNNNNN.*`` snapshots too when ``keep_snapshots``;
 - ``best.safetensors`` + ``best.json``: the model with the best evaluation metric so far;
 - ``last.state.pt``: everything a resume needs (model, optimizer, iteration, random states, the
-  configuration it must match), written with ``torch.save`` and read with ``weights_only=True``;
-- ``metrics.jsonl``: one JSON object per logged iteration or evaluation; ``curves.png``: the loss and
-  the evaluation metric against the iteration.
+  configuration it must match), written with ``torch.save`` and read with ``weights_only=True``. It
+  carries a sha256 of its content (:func:`state_digest`), checked before a resume uses anything: a
+  damaged state, or one whose weights are not finite, is refused in one line and nothing is written.
+  A state whose weights have become non-finite is never saved (the last good one is kept);
+- ``metrics.jsonl``: one JSON object per logged iteration or evaluation, appended; a resume drops a
+  torn last line (a kill while appending) with a warning. ``curves.png``: the loss and the evaluation
+  metric against the iteration.
 
 Every file is written to a temporary name and moved into place, so a crash never leaves half a file.
 """
@@ -26,11 +30,12 @@ Every file is written to a temporary name and moved into place, so a crash never
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
-import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,12 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.errors import UserError
+from detector.base.checkpoint import save_checkpoint
+from detector.base.errors import UserError
+from detector.base.files import atomic_path, atomic_write
 from detector.training.distributed import DistContext, all_reduce_mean, barrier, broadcast_object
 from detector.training.schedule import ScheduleConfig, learning_rate
 
 STATE_FORMAT = "googlenet-detection/train-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: with "sha256", the digest of the rest (1: none, still read)
+_STATE_KEYS = ("iteration", "model", "optimizer", "rng")
 
 
 class BatchSource(Protocol):
@@ -139,19 +147,60 @@ def restore_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def state_digest(obj) -> str:
+    """sha256 of a training state's content: every tensor's dtype, shape and bytes, every other value's
+    type and repr, dict keys in sorted order; independent of how ``torch.save`` lays out the file."""
+    h = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
 
 
-def load_train_state(path: str | Path) -> dict:
-    """Read a ``*.state.pt`` resume file (or the ``last.state.pt`` of a run directory) without unpickling code."""
+def _non_finite(tensors) -> list[str]:
+    """Names of the floating-point tensors of a ``{name: tensor}`` tree that hold NaN or infinity."""
+    out = []
+
+    def walk(x, name: str) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                out.append(name)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}.{i}")
+
+    walk(tensors, "")
+    return out
+
+
+def load_train_state(path: str | Path, report: Callable[[str], None] | None = None) -> dict:
+    """Read a ``*.state.pt`` resume file (or the ``last.state.pt`` of a run directory) without unpickling
+    code, and check it before anything uses it: its sha256 (a damaged file is refused, never trained
+    on), the entries a resume needs, and finite weights and optimizer state. A state of the first
+    version (no digest) is read with a note to ``report`` (default: a warning)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.state.pt"
@@ -166,6 +215,25 @@ def load_train_state(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"cannot resume from '{path}': not a training state of this project; pass a "
                         "last.state.pt written by tools/train_*.py")
+    damaged = (f"cannot resume from '{path}': the training state is damaged ({{}}); nothing was written: restore "
+               "the file, or start a new run from the run's last.safetensors")
+    if "sha256" in state:
+        saved = state.pop("sha256")
+        if saved != state_digest(state):
+            raise UserError(damaged.format("its content does not match its sha256"))
+    else:
+        note = (f"'{path}' has no checksum (written by an older version): it is checked for finite weights "
+                "only")
+        if report is not None:
+            report(f"warning: {note}")
+        else:
+            warnings.warn(note, stacklevel=2)
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise UserError(damaged.format(f"no {', '.join(missing)}"))
+    bad = _non_finite({"model": state["model"], "optimizer": state["optimizer"]})
+    if bad:
+        raise UserError(damaged.format(f"{len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}"))
     return state
 
 
@@ -235,17 +303,41 @@ def _batches(source: BatchSource, start: int, stop: int, num_workers: int):
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object a line, appended and flushed as training goes."""
+    """``metrics.jsonl``: one JSON object a line, appended and flushed as training goes.
 
-    def __init__(self, path: Path, resume_from: int | None):
+    A resume keeps the lines up to the iteration it resumes from. The last line may be torn (a kill
+    while appending): it is dropped, with a warning to ``report``; a bad line elsewhere is a
+    :class:`UserError` naming it.
+    """
+
+    def __init__(self, path: Path, resume_from: int | None, report: Callable[[str], None] = print):
         self.path = path
         if resume_from is not None and path.exists():
             # drop what the interrupted run logged after the checkpoint it resumes from
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_from]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            kept = [line for line, record in self._records(report) if record.get("iteration", 0) <= resume_from]
+            atomic_write(path, "".join(line + "\n" for line in kept))
         elif path.exists():
             path.unlink()
+
+    def _records(self, report: Callable[[str], None] | None) -> list[tuple[str, dict]]:
+        lines = [(n, line) for n, line in enumerate(
+            self.path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1) if line.strip()]
+        out = []
+        for i, (lineno, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                out.append((line, record))
+            elif i == len(lines) - 1:
+                if report is not None:
+                    report(f"warning: {self.path}:{lineno}: dropped a torn last line (the run was stopped while "
+                           "writing it)")
+            else:
+                raise UserError(f"{self.path}:{lineno}: not a JSON record; delete the line (or the file) and "
+                                "resume again")
+        return out
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -254,7 +346,7 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [record for _, record in self._records(None)]
 
 
 def plot_curves(records: list[dict], path: Path, metric: str) -> None:
@@ -280,10 +372,9 @@ def plot_curves(records: list[dict], path: Path, metric: str) -> None:
         ax2.set_ylim(0, 1)
     ax.set_title("training curves")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]],
@@ -300,8 +391,6 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     resume: a run directory or a ``last.state.pt`` to continue from.
     items_per_batch: items (regions, images) per batch and process, for the speed shown.
     """
-    from detector.checkpoint import save_checkpoint
-
     out_dir = Path(config.out_dir)
     device = ctx.device
     total = config.schedule.iterations
@@ -320,8 +409,14 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
     if resume is not None:
-        state = load_train_state(resume)
-        diffs = _differences(state.get("resume_key", {}), resume_key)
+        state = load_train_state(resume, report=report)
+        saved_key = state.get("resume_key", {})
+        # a whole group of settings that an older version did not record cannot be compared: said, not refused
+        unrecorded = [k for k, v in resume_key.items() if isinstance(v, dict) and k not in saved_key]
+        for k in unrecorded:
+            report(f"warning: '{resume}' does not record the {k} settings (written by an older version); "
+                   "make sure they are those of its run")
+        diffs = _differences(saved_key, {k: v for k, v in resume_key.items() if k not in unrecorded})
         if diffs:
             raise UserError(f"cannot resume from '{resume}': it was written with a different configuration ("
                             + "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
@@ -343,7 +438,8 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log = MetricsLog(out_dir / "metrics.jsonl", start if resume is not None else None) if ctx.is_main else None
+    log = (MetricsLog(out_dir / "metrics.jsonl", start if resume is not None else None, report=report)
+           if ctx.is_main else None)
 
     def save(iteration: int, snapshot: bool) -> None:
         if not ctx.is_main:
@@ -351,16 +447,23 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
         cfg = {**model_config, "training": {**model_config.get("training", {}), "iteration": iteration,
                                             "iterations": total}}
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        bad = _non_finite(weights)
+        if bad:  # never replace the last good state with a broken one
+            raise UserError(f"the weights hold NaN or infinity at iteration {iteration} ({len(bad)} tensors, e.g. "
+                            f"{bad[0]}); the last good checkpoint in '{out_dir}' is kept; lower the learning rate "
+                            "or check the data")
         save_checkpoint(out_dir / "last.safetensors", weights, cfg)
         if snapshot:
             save_checkpoint(out_dir / f"iter_{iteration:06d}.safetensors", weights, cfg)
-        atomic_torch_save({
+        state = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "iteration": iteration,
             "model": weights, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "schedule": asdict(config.schedule), "resume_key": resume_key, "rng": capture_rng_state(),
             "best_metric": best_metric, "best_iteration": best_iteration,
-        }, out_dir / "last.state.pt")
+        }
+        state["sha256"] = state_digest(state)
+        atomic_torch_save(state, out_dir / "last.state.pt")
 
     def run_eval(iteration: int) -> None:
         nonlocal best_metric, best_iteration

@@ -3,7 +3,7 @@
 This module joins the generic pieces (:mod:`.engine`, :mod:`.sampler`, :mod:`.data`, :mod:`.losses`,
 :mod:`.validation`) for ``tools/train_detector.py``; the tool only parses arguments.
 
-The checkpoint's JSON config (:func:`detector.checkpoint.make_checkpoint_config`) records everything
+The checkpoint's JSON config (:func:`detector.base.checkpoint.make_checkpoint_config`) records everything
 detection needs besides the weights: the classifier config (input size, context, normalization, warp),
 the classes, the box coder, the proposal method with its options and count, and the post-processing
 (score threshold, NMS, detections per image); ``training`` holds the provenance (data, sampler, loss,
@@ -19,10 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.base.checkpoint import load_checkpoint, make_checkpoint_config, save_checkpoint
+from detector.base.defaults import MAX_PROPOSALS, PROPOSAL_METHOD
+from detector.base.errors import UserError
+from detector.base.files import atomic_write
 from detector.box_coder import BoxCoder
 from detector.classifier import ClassifierConfig, RegionClassifier, load_backbone_weights
+from detector.data import read_coco, read_ilsvrc_det, read_voc
 from detector.data.records import Dataset, ImageRecord
-from detector.errors import UserError
 from detector.postprocess import PostprocessConfig
 from detector.training.data import (
     ProposalFn,
@@ -36,6 +40,8 @@ from detector.training.engine import EngineConfig, TrainResult, train
 from detector.training.losses import LossConfig, detection_loss
 from detector.training.sampler import SamplerConfig
 from detector.training.validation import Validator
+from proposals.propose import propose
+from proposals.store import ProposalStore
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,11 @@ class ProposalConfig:
     cache_dir: where proposals computed here are kept (one ``.npy`` per image).
     max_proposals: proposals per image used in training. eval_max_proposals: per image at detection."""
 
-    method: str = "ss-fast"
+    method: str = PROPOSAL_METHOD
     options: dict = field(default_factory=lambda: {"max_side": 500})
     store: str | None = None
     cache_dir: str | None = None
-    max_proposals: int = 2000
+    max_proposals: int = MAX_PROPOSALS
     eval_max_proposals: int = 1000
 
 
@@ -85,8 +91,6 @@ def load_dataset(path: str | Path, split: str = "trainval", annotations: str | N
                  image_root: str | None = None) -> Dataset:
     """A COCO JSON file, a VOC folder (``Annotations/``, ``ImageSets/Main/<split>.txt``) or an ILSVRC
     image list (``.txt``, with ``annotations`` the XML folder and ``image_root`` the images)."""
-    from detector.data import read_coco, read_ilsvrc_det, read_voc
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset '{path}' does not exist; pass a COCO .json file, a VOC folder or an ILSVRC "
@@ -143,8 +147,6 @@ def proposal_function(config: ProposalConfig, split_name: str) -> ProposalFn:
     """Proposals per image in original pixels: from the store, or computed once and cached in
     ``cache_dir/split_name``."""
     if config.store is not None:
-        from proposals import ProposalStore
-
         store = ProposalStore(config.store)
 
         def from_store(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
@@ -158,8 +160,6 @@ def proposal_function(config: ProposalConfig, split_name: str) -> ProposalFn:
 
         return from_store
 
-    from proposals import propose
-
     options = dict(config.options)
 
     def compute(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
@@ -169,14 +169,23 @@ def proposal_function(config: ProposalConfig, split_name: str) -> ProposalFn:
     return cached_proposals(compute, cache, {"method": config.method, **options})
 
 
+def proposal_settings(config: ProposalConfig) -> dict:
+    """What a resumed run must share about proposals: the method and its options, the counts, and for a
+    store the method and options it records (a copied or moved store resumes; another kind of store does
+    not). The cache folder is not compared: it only keeps what the method computes."""
+    store = None
+    if config.store is not None:
+        store = ProposalStore(config.store).meta
+    return {"method": config.method, "options": dict(config.options), "store": store,
+            "max_proposals": config.max_proposals, "eval_max_proposals": config.eval_max_proposals}
+
+
 # ----------------------------------------------------------------------------------------------------
 # the checkpoint's config
 
 
 def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dict:
     """The JSON saved beside the weights: what rebuilds the model and how it detects."""
-    from detector.checkpoint import make_checkpoint_config
-
     prop = config.proposals
     training = {
         "train": config.train, "val": config.val, "sampler": asdict(config.sampler), "loss": asdict(config.loss),
@@ -193,8 +202,6 @@ def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dic
 
 def load_init_checkpoint(model: RegionClassifier, path: str | Path) -> None:
     """Start from a detector checkpoint of the same architecture (e.g. to continue with a new schedule)."""
-    from detector.checkpoint import load_checkpoint
-
     state, saved = load_checkpoint(path)
     wanted = model.state_dict()
     if saved.get("classifier", {}).get("input_size") != model.config.input_size or any(
@@ -224,9 +231,8 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
     if check.skipped:
         report(f"training set: {check.report()}")
         if ctx.is_main:
-            Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(config.out_dir) / "skipped_images.txt").write_text(
-                "".join(f"{p}\t{r}\n" for p, r in check.skipped), encoding="utf-8")
+            atomic_write(Path(config.out_dir) / "skipped_images.txt",
+                         "".join(f"{p}\t{r}\n" for p, r in check.skipped))
     if not check.records:
         raise UserError(f"dataset '{config.train}': none of its {len(train_set)} images can be read; check "
                         "the image folder")
@@ -262,8 +268,9 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
     source = RegionBatchSource(train_set, proposals, config.sampler, data,
                                box_coder, rank=ctx.rank, world_size=ctx.world_size)
     saved = model_config(config, train_set.vocab, box_coder)
-    resume_key = {k: saved[k] for k in ("classifier", "classes", "box_coder")}
+    resume_key = {k: saved[k] for k in ("classifier", "classes", "box_coder", "postprocess")}
     resume_key["training"] = {k: v for k, v in saved["training"].items() if k != "val"}
+    resume_key["proposals"] = proposal_settings(config.proposals)
     resume_key["world_size"] = ctx.world_size
     resume_key = json.loads(json.dumps(resume_key))
     return train(model, source, region_loss(config.loss), config.engine, ctx, model_config=saved,
@@ -279,8 +286,6 @@ def export_detector(source: str | Path, target: str | Path, half: bool = True, n
     """Write ``source``'s detector as ``target`` for inference: without the auxiliary classifiers (only
     training uses them), floating-point tensors as float16 when ``half`` (loading casts them back to the
     model's float32), and ``notes`` added to the config's ``training`` section. Returns the weights path."""
-    from detector.checkpoint import load_checkpoint, save_checkpoint
-
     state, config = load_checkpoint(source)
     state = {k: v for k, v in state.items() if not k.startswith(("trunk.aux1.", "trunk.aux2."))}
     if half:

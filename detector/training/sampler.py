@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.boxes import box_iou
+from detector.base.boxes import box_iou
 
 IGNORE = -1  # label of a region that is neither foreground nor background
 

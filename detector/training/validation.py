@@ -12,10 +12,13 @@ import copy
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from detector.base.io import load_image
 from detector.box_coder import BoxCoder
 from detector.data.records import Dataset
-from detector.io import load_image
+from detector.evaluation.voc import evaluate_voc
+from detector.pipeline import Detector, ProposalSettings
 from detector.postprocess import PostprocessConfig
 from detector.training.data import ProposalFn
 
@@ -37,10 +40,6 @@ class Validator:
 
     def detect_all(self, model: torch.nn.Module) -> dict:
         """image id -> :class:`detector.pipeline.Detections` of every image of the dataset."""
-        from tqdm import tqdm
-
-        from detector.pipeline import Detector, ProposalSettings
-
         device = next(model.parameters()).device
         detector = Detector([copy.deepcopy(model)], self.dataset.vocab,
                             ProposalSettings(max_proposals=self.max_proposals), self.post, self.box_coder,
@@ -55,8 +54,6 @@ class Validator:
         return detections
 
     def __call__(self, model: torch.nn.Module) -> dict:
-        from detector.evaluation.voc import evaluate_voc
-
         detections = self.detect_all(model)
         result = evaluate_voc(self.dataset, detections)
         return {"mAP": float(result.mAP), "num_detections": int(sum(len(d) for d in detections.values()))}

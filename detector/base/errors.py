@@ -1,6 +1,6 @@
 """Errors a user can cause. Their message is one line: what, which file or line, what to do.
 
-Tools catch :class:`UserError` (see :func:`detector.cli.run_tool`) and print it as one line on stderr
+Tools catch :class:`UserError` (see :func:`detector.base.cli.run_tool`) and print it as one line on stderr
 with a non-zero exit code; anything else is a bug and keeps its traceback.
 """
 

@@ -12,30 +12,27 @@ Conversions happen only at input and output:
 - COCO: ``[x, y, w, h]`` in continuous coordinates (the same origin as ours).
 - Normalized: ``[x1/W, y1/H, x2/W, y2/H]`` (MultiBox) and centre form ``(cx, cy, w, h)``.
 
-Every function takes and returns ``(N, 4)`` arrays (numpy or torch, dtype kept for floats), never
-mutating its input.
+Every function takes and returns numpy ``(N, 4)`` arrays (dtype kept for floats, integers become
+``float32``), never mutating its input. This module is numpy only, so that reading and scoring result
+files never imports torch; the torch stages use :mod:`torchvision.ops` (``clip_boxes_to_image``,
+``box_convert``, ``box_iou``), which follow the same continuous convention.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-ArrayLike = np.ndarray | torch.Tensor
+ArrayLike = np.ndarray
 
 
-def _as_float(boxes: ArrayLike) -> ArrayLike:
-    if isinstance(boxes, torch.Tensor):
-        return boxes if boxes.is_floating_point() else boxes.float()
+def _as_float(boxes) -> np.ndarray:
     boxes = np.asarray(boxes)
     if boxes.dtype.kind != "f":
         boxes = boxes.astype(np.float32)
     return boxes.reshape(-1, 4) if boxes.size == 0 else boxes
 
 
-def _stack(columns, like: ArrayLike) -> ArrayLike:
-    if isinstance(like, torch.Tensor):
-        return torch.stack(columns, dim=-1)
+def _stack(columns, like: np.ndarray) -> np.ndarray:
     return np.stack(columns, axis=-1).astype(like.dtype, copy=False)
 
 
@@ -107,9 +104,6 @@ def clip_boxes(boxes: ArrayLike, image_size: tuple[int, int]) -> ArrayLike:
     """Clip ``xyxy`` boxes to ``[0, W] x [0, H]`` for ``image_size = (h, w)``."""
     h, w = image_size
     b = _as_float(boxes)
-    if isinstance(b, torch.Tensor):
-        return torch.stack([b[..., 0].clamp(0, w), b[..., 1].clamp(0, h),
-                            b[..., 2].clamp(0, w), b[..., 3].clamp(0, h)], dim=-1)
     return _stack([np.clip(b[..., 0], 0, w), np.clip(b[..., 1], 0, h),
                    np.clip(b[..., 2], 0, w), np.clip(b[..., 3], 0, h)], b)
 
@@ -126,15 +120,20 @@ def valid_box_mask(boxes: ArrayLike, min_size: float = 0.0) -> ArrayLike:
     return ((b[..., 2] - b[..., 0]) > min_size) & ((b[..., 3] - b[..., 1]) > min_size)
 
 
-def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> ArrayLike:
-    """IoU matrix ``(N, M)`` of two sets of ``xyxy`` boxes (continuous areas), via torchvision.
+def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> np.ndarray:
+    """IoU matrix ``float32 (N, M)`` of two sets of ``xyxy`` boxes (continuous areas).
 
-    Tensors in, a tensor out; anything else in, a ``float32`` numpy array out.
+    The same arithmetic as :func:`torchvision.ops.box_iou` in ``float32`` (intersection clamped at 0,
+    union = area_a + area_b - intersection), so both give the same numbers.
     """
-    from torchvision.ops import box_iou as _tv_box_iou
-
-    if isinstance(boxes_a, torch.Tensor) and isinstance(boxes_b, torch.Tensor):
-        return _tv_box_iou(boxes_a.float().reshape(-1, 4), boxes_b.float().reshape(-1, 4))
-    a = torch.as_tensor(np.asarray(boxes_a, dtype=np.float32).reshape(-1, 4))
-    b = torch.as_tensor(np.asarray(boxes_b, dtype=np.float32).reshape(-1, 4))
-    return _tv_box_iou(a, b).numpy()
+    a = np.asarray(boxes_a, dtype=np.float32).reshape(-1, 4)
+    b = np.asarray(boxes_b, dtype=np.float32).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / union

@@ -1,7 +1,8 @@
 """A literal, loop-by-loop transcription of the ILSVRC DET rules (the devkit's ``eval_detection.m``).
 
 Slow on purpose: it is the reference the vectorized :mod:`detector.evaluation.ilsvrc` is checked
-against (tests) and timed against (benchmarks). Everything is in file coordinates (1-based, inclusive).
+against (tests) and timed against (``benchmarks/bench_evaluation.py``, which loads this file). It lives
+with the tests, not in the library. Everything is in file coordinates (1-based, inclusive).
 """
 
 from __future__ import annotations

@@ -10,39 +10,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from detector.boxes import box_iou, xyxy_to_normalized
-from detector.data import Dataset, ImageRecord, read_coco, read_ilsvrc_det, read_voc
-from detector.errors import UserError
-from detector.io import ImageError, load_image
-
-
-def open_dataset(annotations: str | Path, split: str = "train", image_list: str | Path | None = None,
-                 image_root: str | Path | None = None) -> Dataset:
-    """A dataset named by its annotations.
-
-    annotations: a COCO instances ``.json``; a PASCAL VOC root (holding ``ImageSets/Main/<split>.txt``);
-    or an ILSVRC DET annotations folder of XMLs, with ``image_list`` (a ``val.txt``-style list) and
-    ``image_root`` (where the ``.JPEG`` files are).
-    """
-    path = Path(annotations)
-    if path.is_file() and path.suffix.lower() == ".json":
-        return read_coco(path, image_root)
-    if path.is_dir() and (path / "ImageSets" / "Main").is_dir():
-        return read_voc(path, split)
-    if path.is_dir() and image_list is not None:
-        return read_ilsvrc_det(image_list, path, image_root=image_root, progress=True)
-    if not path.exists():
-        raise UserError(f"annotations '{path}' not found; pass a COCO .json, a VOC root or an ILSVRC "
-                        "Annotations folder with --image-list")
-    raise UserError(f"annotations '{path}': not a COCO .json nor a VOC root (no ImageSets/Main); for ILSVRC "
-                    "pass its Annotations folder with --image-list")
+from detector.base.boxes import box_iou, xyxy_to_normalized
+from detector.base.errors import UserError
+from detector.base.io import ImageError, load_image
+from detector.data import Dataset, ImageRecord
 
 
 def normalized_targets(record: ImageRecord, image_size: tuple[int, int]) -> np.ndarray:

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from detector.errors import UserError
-
-DEFAULT_MAX_PIXELS = 50_000_000  # 50 megapixels
+from detector.base.defaults import DEFAULT_MAX_PIXELS
+from detector.base.errors import UserError
 
 # The project checks the pixel count itself (with a clearer message than Pillow's bomb warning),
 # and never accepts a truncated file as complete.

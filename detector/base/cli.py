@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from detector.errors import UserError
+from detector.base.errors import UserError
 
 
 def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -1,0 +1,134 @@
+"""Checkpoints: ``NAME.safetensors`` (the tensors) + ``NAME.json`` (everything else), loaded safely.
+
+Nothing is ever unpickled: the weights are read by ``safetensors`` and the config is plain JSON. Both
+files are written atomically (:mod:`detector.base.files`), so a crash leaves either the old checkpoint
+or the new one, never half of one. This module is the JSON side, importable without torch (safetensors
+and torch are imported only inside the functions that read or write weights); the model side is
+:func:`detector.classifier.build_classifier_from_checkpoint` and :func:`proposals.multibox.load_multibox`.
+
+The config (see :func:`make_checkpoint_config`) is a JSON object::
+
+    {"format": "googlenet-detection-checkpoint", "version": 1,
+     "classifier": ClassifierConfig.to_dict(),           # input size, normalization, warp settings
+     "classes": Vocabulary.to_dict(),                     # label c in 1..C is classes.names[c - 1]
+     "proposals": {"method": "ss-fast", "options": {}, "max_proposals": 2000},
+     "postprocess": PostprocessConfig.to_dict(),          # score threshold, NMS IoU, max detections
+     "box_coder": {"weights": [10, 10, 5, 5]},
+     "training": {...}}                                   # free-form provenance
+
+Either file's path (or ``NAME`` alone) names the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from detector.base.defaults import BOX_CODER_WEIGHTS, default_postprocess, default_proposals
+from detector.base.errors import UserError
+from detector.base.files import atomic_path, atomic_write
+from detector.base.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+CHECKPOINT_FORMAT = "googlenet-detection-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` for ``NAME``, ``NAME.safetensors`` or ``NAME.json``."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write ``state_dict`` to ``NAME.safetensors`` and ``config`` to ``NAME.json``; returns the former.
+
+    config: JSON-serializable dict (see :func:`make_checkpoint_config`).
+    """
+    from safetensors.torch import save_file  # weights only: reading a config must not import torch
+
+    weights_path, config_path = checkpoint_paths(path)
+    text = json.dumps(config, indent=2) + "\n"  # fails before anything is written if not serializable
+    # safetensors refuses tensors that share memory; a contiguous CPU copy of each never does
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    with atomic_path(weights_path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    atomic_write(config_path, text)
+    return weights_path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, config)`` of a checkpoint; :class:`UserError` if a file is missing or corrupt."""
+    from safetensors import SafetensorError  # weights only: reading a config must not import torch
+    from safetensors.torch import load_file
+
+    weights_path, _ = checkpoint_paths(path)
+    if not weights_path.is_file():
+        raise UserError(f"checkpoint '{path}': missing {weights_path}; a checkpoint is NAME.safetensors + "
+                        "NAME.json side by side")
+    config = load_checkpoint_config(path)
+    try:
+        state_dict = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"checkpoint weights '{weights_path}' are corrupt or truncated "
+                        f"({str(err).splitlines()[0][:160]}); restore them from the original checkpoint") from None
+    return state_dict, config
+
+
+def load_checkpoint_config(path: str | os.PathLike) -> dict:
+    """The JSON config of a checkpoint, without its weights (no torch); :class:`UserError` if the file is
+    missing, not JSON or not a JSON object."""
+    _, config_path = checkpoint_paths(path)
+    if not config_path.is_file():
+        raise UserError(f"checkpoint '{path}': missing {config_path}; a checkpoint is NAME.safetensors + "
+                        "NAME.json side by side")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint config '{config_path}' is corrupt: not valid JSON ({err}); restore it "
+                        "from the original checkpoint") from None
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint config '{config_path}' is not a JSON object; restore it")
+    return config
+
+
+def checkpoint_section(config: dict, key: str, path) -> dict:
+    """``config[key]``, a dict; :class:`UserError` naming the checkpoint if it is missing."""
+    value = config.get(key)
+    if not isinstance(value, dict):
+        raise UserError(f"checkpoint '{path}': its config has no '{key}' section; it was not written by "
+                        "this project's save_checkpoint/make_checkpoint_config")
+    return value
+
+
+def make_checkpoint_config(classifier, vocabulary: Vocabulary, proposals: dict | None = None,
+                           postprocess=None, box_weights=BOX_CODER_WEIGHTS,
+                           training: dict | None = None) -> dict:
+    """The JSON config of a checkpoint (see the module docstring).
+
+    classifier: :class:`detector.classifier.ClassifierConfig`; vocabulary: the ``C`` classes.
+    proposals: ``{"method": str, "options": dict, "max_proposals": int}`` used in training and by
+        default at inference (defaults to fast selective search, 2000 boxes).
+    postprocess: :class:`detector.postprocess.PostprocessConfig` (default: R-CNN's settings).
+    training: provenance (data, epochs, losses, commit, ...), any JSON-serializable dict.
+    """
+    if classifier.num_classes != vocabulary.num_classes:
+        raise ValueError(f"classifier has {classifier.num_classes} classes, vocabulary "
+                         f"{vocabulary.num_classes}")
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "classifier": classifier.to_dict(),
+        "classes": vocabulary.to_dict(),
+        "proposals": default_proposals() | dict(proposals or {}),
+        "postprocess": postprocess.to_dict() if postprocess is not None else default_postprocess(),
+        "box_coder": {"weights": [float(w) for w in box_weights]},
+        "training": dict(training or {}),
+    }
