@@ -79,7 +79,7 @@ def compute_proposals(paths: list[Path], max_proposals: int, out: Path) -> None:
 
 
 def child(setting: str, data: Path, model: str | None) -> None:
-    """One setting in this fresh process: print ``{"threads": n, "seconds": [...]}`` as the last line."""
+    """One setting in this fresh process: prints its thread count, then each photo's seconds as it goes."""
     from detector.base.threads import configure_threads
 
     if setting == "default":
@@ -95,12 +95,11 @@ def child(setting: str, data: Path, model: str | None) -> None:
     images = [load_image(n) for n in names]
     detector = load_detector(model, device="cpu")
     detector(images[0], proposals=boxes[0])  # warm-up: oneDNN kernels, allocator
-    seconds = []
+    print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
     for image, b in zip(images, boxes):
         start = time.perf_counter()
         detector(image, proposals=b)
-        seconds.append(time.perf_counter() - start)
-    print(json.dumps({"threads": torch.get_num_threads(), "seconds": seconds}))
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
 def run_setting(setting: str, data: Path, model: str | None, busy: int, max_seconds: float) -> dict:
@@ -112,22 +111,30 @@ def run_setting(setting: str, data: Path, model: str | None, busy: int, max_seco
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", setting, "--data", str(data)]
     if model:
         cmd += ["--model", model]
+    cut = False
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max_seconds)
-    except subprocess.TimeoutExpired:
-        done = None
+        output, failed = done.stdout, done.returncode != 0 and done.stderr.strip().splitlines()[-1:]
+    except subprocess.TimeoutExpired as err:  # keep the photos it finished
+        output, failed, cut = err.stdout or "", False, True
+        output = output.decode() if isinstance(output, bytes) else output
     finally:
         for loop in loops:
             loop.terminate()
         for loop in loops:
             loop.wait()
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    seconds = [line["seconds"] for line in lines if "seconds" in line]
     row = {"setting": setting, "busy": busy, "load_before": round(load_before, 2),
-           "load_after": round(os.getloadavg()[0], 2)}
-    if done is None or done.returncode != 0:
-        reason = "timed out" if done is None else done.stderr.strip().splitlines()[-1:]
-        return row | {"error": str(reason), "threads": None, "median_s": float("nan"), "seconds": []}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return row | result | {"median_s": statistics.median(result["seconds"])}
+           "load_after": round(os.getloadavg()[0], 2), "seconds": seconds,
+           "threads": next((line["threads"] for line in lines if "threads" in line), None),
+           "median_s": statistics.median(seconds) if seconds else float("nan")}
+    if failed:
+        row["error"] = str(failed)
+    elif cut:
+        row["error"] = (f"cut after {max_seconds:.0f} s: {len(seconds)} photos timed"
+                        + ("" if seconds else f", so > {max_seconds / 2:.0f} s/photo (warm-up + 1)"))
+    return row
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,152 +1,81 @@
 """The detector: image -> proposals -> warp -> classify -> regress -> per-class NMS -> detections.
 
 ``Detector.from_checkpoint(path)`` (or a list of paths: an ensemble, whose class probabilities and box
-deltas are averaged, as GoogLeNet's entry averaged 6 networks) builds everything from checkpoints;
-``detector(image)`` returns :class:`Detections` in the image's own pixel coordinates.
+deltas are averaged, as GoogLeNet's entry averaged 6 networks) builds everything from checkpoints. One
+engine serves every caller, through three public methods:
 
-Classification runs in batches under ``torch.inference_mode()``, with channels-last memory, on CUDA
-when available; ``precision="auto"`` uses bf16 autocast where the hardware has native bf16 (CUDA with
-bf16, or a CPU with AVX512-BF16/AMX) and fp32 elsewhere.
+- ``detector(image)``: :class:`Detections` of one image, in its own pixel coordinates;
+- ``detector.detect_batch(images)``: a list of images, the network's batches filled across images;
+- ``detector.detect_stream(items)``: any number of images, lazily, in order (the tools, benchmarks).
+
+With many images, crops of consecutive images share forward passes of up to ``batch_size`` crops, and
+proposals that must be computed come from ``workers`` spawned processes running ahead of the network
+(:func:`detector.proposal_source.proposal_stream`), so proposals and classification overlap. Members of
+an ensemble with the same input settings share one image pyramid (and, with the same sampling, the same
+crops). The image goes to the device once (pinned memory, non-blocking copies); the warp runs there.
+
+Precision (:mod:`detector.device`): bf16 on CUDA casts the weights themselves (half the memory traffic);
+on the CPU the weights stay fp32 under bf16 autocast (oneDNN runs both at the same speed, measured,
+and the results stay those of earlier versions). ``compile=True`` wraps each network in
+``torch.compile``; batches are then padded to a power of two so that only a few shapes compile.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain, islice, repeat
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.ops import clip_boxes_to_image
 
-from detector.base.checkpoint import checkpoint_paths
-from detector.base.defaults import BOX_CODER_WEIGHTS, MAX_PROPOSALS, PRECISIONS, PROPOSAL_METHOD
+from detector.base.checkpoint import DEFAULT_MODEL, NO_DEFAULT_MODEL, checkpoint_paths
+from detector.base.defaults import (
+    BATCH_SIZE_CPU,
+    BATCH_SIZE_CUDA,
+    BOX_CODER_WEIGHTS,
+    MAX_PROPOSALS,
+    PROPOSAL_METHOD,
+)
 from detector.base.errors import UserError
 from detector.base.io import load_image
 from detector.base.vocab import Vocabulary
 from detector.box_coder import BoxCoder
-from detector.classifier import ClassifierConfig, RegionClassifier, build_classifier_from_checkpoint
+from detector.classifier import RegionClassifier, build_classifier_from_checkpoint, prepare_for_inference
+from detector.detections import Detections, label_map
+from detector.device import resolve_device, resolve_precision
 from detector.postprocess import PostprocessConfig, postprocess
+from detector.proposal_source import ProposalSettings, proposal_stream, source_proposals
 from detector.warp import image_pyramid, warp_pyramid
-from proposals.propose import propose
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "resources" / "default_detector"
-NO_DEFAULT_MODEL = ("no model is installed: the default model (detector/resources/default_detector"
-                    ".safetensors + .json) has not been trained yet; train one with tools/train_detector.py "
-                    "and pass it with --model PATH")
+STAGES = ("proposals", "warp", "classify", "postprocess")
 
-
-@dataclass(frozen=True)
-class Detections:
-    """Detections of one image, highest score first.
-
-    boxes: float32 ``(K, 4)`` xyxy, pixels of the original image, clipped to it.
-    scores: float32 ``(K,)`` class probabilities in [0, 1].
-    labels: int64 ``(K,)`` contiguous labels in ``1..C``.
-    class_names: ``K`` names, ``class_names[i]`` of ``labels[i]``.
-    class_ids: int64 ``(K,)`` the dataset's own class ids (ILSVRC DET id, COCO category id, ...).
-    image_size: ``(h, w)``.
-    timings: seconds per stage: ``proposals``, ``warp``, ``classify`` (the network), ``postprocess``
-        (box decoding, NMS) and ``total``.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    class_ids: np.ndarray
-    image_size: tuple[int, int]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def to_records(self) -> list[dict]:
-        """One JSON-ready dict per detection: ``label`` (name), ``class_id``, ``score``, ``box`` (xyxy)."""
-        return [{"label": name, "class_id": int(cid), "score": float(score),
-                 "box": [round(float(v), 2) for v in box]}
-                for name, cid, score, box in zip(self.class_names, self.class_ids, self.scores, self.boxes)]
-
-
-@dataclass(frozen=True)
-class ProposalSettings:
-    """Where proposals come from when the caller passes none.
-
-    source: a method name for :func:`proposals.propose` (``"ss-fast"``, ...), or a store object with
-        ``store[image_name] -> (boxes, scores or None)`` (``proposals.ProposalStore``).
-    options: keyword options for the method.
-    max_proposals: use at most this many (the first, i.e. best, ones), >= 1.
-    """
-
-    source: object = PROPOSAL_METHOD
-    options: dict = field(default_factory=dict)
-    max_proposals: int = MAX_PROPOSALS
-
-    def __post_init__(self):
-        if self.max_proposals < 1:  # 0 or less is an error, never "use the default"
-            raise UserError(f"max proposals must be >= 1, got {self.max_proposals}")
+__all__ = ["Detections", "Detector", "ProposalSettings", "default_model", "label_map", "load_detector"]
 
 
 class StageClock:
-    """Accumulates wall time per stage (waiting for the GPU at each boundary)."""
+    """Seconds per stage; on CUDA it waits for the GPU at each boundary only if ``sync`` is set."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, sync: bool = False):
+        self.sync = sync and device.type == "cuda"
         self.device = device
         self.timings: dict[str, float] = {}
-        self._start = time.perf_counter()
 
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
+    def start(self) -> float:
+        if self.sync:
             torch.cuda.synchronize(self.device)
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        return time.perf_counter()
 
-    def finish(self) -> dict[str, float]:
-        return {**self.timings, "total": time.perf_counter() - self._start}
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/``None``: CUDA if available, else CPU; otherwise the named device (checked)."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' asked for, but CUDA is not available here; use --device cpu")
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """True if the CPU advertises AVX512-BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``torch.bfloat16`` or ``torch.float32`` for ``"auto"``, ``"bf16"`` or ``"fp32"`` on ``device``."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    def stop(self, stage: str, start: float) -> float:
+        """Add the seconds since ``start`` to ``stage``; returns them."""
+        seconds = self.start() - start
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        return seconds
 
 
 def _same_setting(configs: list[dict], key: str, paths) -> dict:
@@ -158,52 +87,82 @@ def _same_setting(configs: list[dict], key: str, paths) -> dict:
     return first
 
 
-class Detector:
-    """Callable ``image -> Detections`` built from one or more classifiers (an ensemble).
+@dataclass(eq=False)
+class _Image:
+    """One image in the engine: its proposals and the ensemble's summed outputs, filled batch by batch."""
 
-    models: region classifiers (eval mode) sharing ``vocabulary`` and the box coder.
+    key: Hashable
+    image_size: tuple[int, int]
+    boxes: torch.Tensor | None = None  # float32 (N, 4) xyxy pixels, on the CPU (where the warp groups them)
+    probs: torch.Tensor | None = None  # float32 (N, C + 1), on the device, summed over models
+    deltas: torch.Tensor | None = None  # float32 (N, 4 C), on the device, summed over models
+    waiting: int = 0  # crops (over all warp groups) not yet classified
+    error: UserError | None = None
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+
+class Detector:
+    """Images -> :class:`Detections`, from one or more classifiers (an ensemble).
+
+    models: region classifiers sharing ``vocabulary`` and the box coder (prepared here for inference: eval
+        mode, no auxiliary heads, channels-last, on ``device``, bf16 weights on CUDA when bf16).
     proposals: :class:`ProposalSettings` used when a call passes no boxes.
     postprocess_config: score threshold, NMS IoU, max detections.
-    device: where the warp and the network run; precision: ``"auto"``, ``"fp32"`` or ``"bf16"``.
-    batch_size: regions per network forward pass.
+    device: where the warp and the network run; precision: ``"auto"``, ``"fp32"`` or ``"bf16"``
+        (:mod:`detector.device`).
+    batch_size: crops per forward pass, filled across images (default 64 on the CPU, 1024 on CUDA).
+    workers: processes computing proposals ahead of the network when many images need them (``None``: the
+        usable cores but one; 0: in this process).
+    compile: run each network through ``torch.compile`` (the first batches of each shape compile).
     """
 
     def __init__(self, models: Sequence[RegionClassifier], vocabulary: Vocabulary,
                  proposals: ProposalSettings = ProposalSettings(),
                  postprocess_config: PostprocessConfig = PostprocessConfig(),
                  box_coder: BoxCoder | None = None, device: str | torch.device | None = "auto",
-                 precision: str = "auto", batch_size: int = 64):
+                 precision: str = "auto", batch_size: int | None = None, workers: int | None = None,
+                 compile: bool = False):
         if not models:
             raise ValueError("a detector needs at least one model")
-        if batch_size < 1:
-            raise UserError(f"batch size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.models = [m.eval().to(self.device, memory_format=torch.channels_last) for m in models]
+        batch_size = batch_size if batch_size is not None else (
+            BATCH_SIZE_CUDA if self.device.type == "cuda" else BATCH_SIZE_CPU)
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        if workers is not None and workers < 0:
+            raise UserError(f"workers must be >= 0, got {workers}")
+        weights = self.dtype if self.device.type == "cuda" else torch.float32
+        self.models = [prepare_for_inference(m, self.device, dtype=weights, compile=compile) for m in models]
         self.vocabulary = vocabulary
         self.proposals = proposals
         self.postprocess_config = postprocess_config
         self.box_coder = box_coder or BoxCoder()
         self.batch_size = batch_size
+        self.workers = workers
+        self.compiled = compile
+        self.sync_timings = False  # wait for the GPU at each stage boundary (exact stage times, slower)
         self._names = np.array(("background",) + vocabulary.names, dtype=object)
         self._ids = np.array((0,) + vocabulary.ids, dtype=np.int64)
 
     @classmethod
     def from_checkpoint(cls, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                         device: str | torch.device | None = "auto", precision: str = "auto",
-                        batch_size: int = 64, proposals: object | None = None,
-                        proposal_options: dict | None = None, max_proposals: int | None = None,
-                        score_threshold: float | None = None, nms_iou: float | None = None,
-                        max_detections: int | None = None) -> Detector:
+                        batch_size: int | None = None, workers: int | None = None, compile: bool = False,
+                        proposals: object | None = None, proposal_options: dict | None = None,
+                        max_proposals: int | None = None, score_threshold: float | None = None,
+                        nms_iou: float | None = None, max_detections: int | None = None) -> Detector:
         """A detector from one checkpoint or a list (an ensemble).
 
         Settings left ``None`` come from the (first) checkpoint's config: the proposal method and
-        options, ``max_proposals``, and the post-processing settings.
+        options, ``max_proposals``, and the post-processing settings. A given value is used as is
+        (``max_proposals=0`` is an error, not "the checkpoint's").
         """
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
             raise UserError("no checkpoint given")
         dev = resolve_device(device)
+        resolve_precision(precision, dev)  # a wrong name is refused before the checkpoints are read
         built = [build_classifier_from_checkpoint(p, device=dev) for p in paths]
         models, configs = [m for m, _ in built], [c for _, c in built]
         vocabulary = Vocabulary.from_dict(_same_setting(configs, "classes", paths))
@@ -222,7 +181,7 @@ class Detector:
         except (TypeError, ValueError) as err:
             raise UserError(f"post-processing settings: {err}") from None
         return cls(models, vocabulary, settings, post, BoxCoder(tuple(coder["weights"])), dev, precision,
-                   batch_size)
+                   batch_size, workers, compile)
 
     # -- the data flow -------------------------------------------------------------------------------
 
@@ -232,93 +191,251 @@ class Detector:
         proposals: float ``(N, 4)`` xyxy boxes in pixels of ``image`` to classify instead of the
             configured source; image_name: the key for a proposal store.
         """
-        image = load_image(image) if isinstance(image, (str, os.PathLike)) else np.asarray(image)
-        clock = StageClock(self.device)
-        with clock("proposals"):
-            boxes = self.propose(image, proposals, image_name)
-        probs, deltas = self.classify(image, boxes, clock)
-        with clock("postprocess"):
-            class_boxes = self.box_coder.decode(deltas, boxes)
-            kept = postprocess(probs, class_boxes, image.shape[:2], self.postprocess_config)
-        return self._detections(kept, image.shape[:2], clock.finish())
+        return self.detect_batch([image], [proposals], [image_name])[0]
+
+    def detect_batch(self, images: Sequence, proposals: Sequence | None = None,
+                     image_names: Sequence[str | None] | None = None) -> list[Detections]:
+        """Detections of each image (RGB ``uint8 (H, W, 3)`` arrays or paths), in order.
+
+        proposals: per image, float ``(N_i, 4)`` xyxy pixels, or ``None`` for the configured source;
+        image_names: per image, its key in a proposal store. Raises :class:`UserError` for the first image
+        that cannot be read or has no proposals.
+        """
+        for name, values in (("proposals", proposals), ("image_names", image_names)):
+            if values is not None and len(values) != len(images):
+                raise ValueError(f"detect_batch: {len(images)} images but {len(values)} {name}")
+        items = zip(range(len(images)), images, proposals if proposals is not None else repeat(None),
+                    image_names if image_names is not None else repeat(None))
+        return [dets for _, dets in self.detect_stream(items)]
+
+    def detect_stream(self, items: Iterable[tuple], errors: str = "raise"
+                      ) -> Iterator[tuple[Hashable, Detections | UserError]]:
+        """``(key, Detections)`` for each ``(key, image, proposals, image_name)`` of ``items``, in order, lazily.
+
+        image: RGB ``uint8 (H, W, 3)`` or a path; proposals: float ``(N, 4)`` xyxy pixels, or ``None`` for
+        the configured source (computed ahead in ``workers`` processes when there is more than one image);
+        image_name: the image's key in a proposal store (or ``None``).
+        errors: ``"raise"`` raises the :class:`UserError` of an image that cannot be read or has no
+            proposals; ``"return"`` yields ``(key, that UserError)`` in its place and goes on.
+        Up to ``2 * workers`` images are read ahead of the one being classified.
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        batches = _RegionBatches(self)
+        for image, job in self._with_proposals(items):
+            if job.error is None:
+                batches.add(job, image)
+            else:
+                batches.add_failed(job)
+            for done in batches.finished():
+                yield self._result(done, errors)
+        batches.flush()
+        for done in batches.finished():
+            yield self._result(done, errors)
+
+    def _result(self, job: _Image, errors: str) -> tuple[Hashable, Detections | UserError]:
+        if job.error is not None:
+            if errors == "raise":
+                raise job.error
+            return job.key, job.error
+        return job.key, self._detections(job)
+
+    def _with_proposals(self, items: Iterable[tuple]) -> Iterator[tuple[np.ndarray | None, _Image]]:
+        """``(image, job with its proposals on the device or an error)`` per item, in order; proposals to
+        compute come from a process pool when there are several images (see :func:`proposal_stream`)."""
+        items = iter(items)
+        head = list(islice(items, 2))
+        # a pool pays off for several images whose proposals must be computed (judged by the first two)
+        pooled = self.proposals.computed and self.workers != 0 and sum(item[2] is None for item in head) > 1
+        read: deque = deque()
+
+        def loaded() -> Iterator[np.ndarray | None]:  # what the pool computes proposals of (None: nothing)
+            for key, image, given, name in chain(head, items):
+                job = _Image(key, (0, 0))
+                try:
+                    image = load_image(image) if isinstance(image, (str, os.PathLike)) else np.asarray(image)
+                    job.image_size = (int(image.shape[0]), int(image.shape[1]))
+                except UserError as err:
+                    image, job.error = None, err
+                read.append((image, job, given, name))
+                yield image if pooled and given is None and image is not None else None
+
+        stream = proposal_stream(loaded(), self.proposals, self.workers) if pooled else (
+            None for _ in loaded())
+        for outcome in stream:
+            image, job, given, name = read.popleft()
+            if job.error is None:
+                try:
+                    if given is None and outcome is not None:
+                        if not outcome.ok:
+                            raise UserError(f"proposals for '{name or job.key}': {outcome.error}")
+                        given, job.timings["proposals"] = outcome.value, outcome.seconds
+                    elif given is None:
+                        start = time.perf_counter()
+                        given = source_proposals(image, self.proposals, name)
+                        job.timings["proposals"] = time.perf_counter() - start
+                    job.boxes = self.propose(image, given)
+                except UserError as err:
+                    job.error = err
+            yield image, job
 
     def propose(self, image: np.ndarray, proposals=None, image_name: str | None = None) -> torch.Tensor:
-        """Proposals for ``image``: float32 ``(N, 4)`` xyxy, clipped, without empty boxes, at most
-        ``max_proposals`` (the first ones)."""
+        """Proposals for ``image``: float32 ``(N, 4)`` xyxy on the CPU, clipped, without empty boxes, at most
+        ``max_proposals`` (the first ones). ``proposals=None``: from the configured source."""
         if proposals is None:
-            proposals = self._from_source(image, image_name)
+            proposals = self.source_proposals(image, image_name)
         if isinstance(proposals, tuple):  # (boxes, scores) from a store or method
             proposals = proposals[0]
         boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
         boxes = clip_boxes_to_image(boxes[: self.proposals.max_proposals], image.shape[:2])
-        return boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])].to(self.device)
+        return boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
 
-    def _from_source(self, image: np.ndarray, image_name: str | None):
-        source = self.proposals.source
-        if isinstance(source, str):
-            try:
-                return propose(image, method=source, **self.proposals.options)
-            except ValueError as err:
-                raise UserError(f"proposals: {err}") from None
-        if image_name is None:
-            raise UserError("proposals come from a store, which needs the image's name (image_name=...)")
-        reason = "not in the store"
-        for key in dict.fromkeys((str(image_name), Path(image_name).name, Path(image_name).stem)):
-            try:
-                found = source[key]
-            except KeyError as err:
-                reason = str(err.args[0]) if err.args else reason
-                continue
-            stored_size = source.image_size(key) if hasattr(source, "image_size") else image.shape[:2]
-            if tuple(stored_size) != tuple(image.shape[:2]):
-                raise UserError(f"proposal store: '{image_name}' was {stored_size[1]}x{stored_size[0]} when its "
-                                f"proposals were computed, now {image.shape[1]}x{image.shape[0]}; recompute them")
-            return found
-        raise UserError(f"proposal store has no proposals for '{image_name}' ({reason}); precompute them for "
-                        "this image")
+    def source_proposals(self, image: np.ndarray, image_name: str | None = None, image_id: object = None
+                         ) -> np.ndarray:
+        """Proposals of ``image`` from the configured source (:func:`detector.proposal_source.source_proposals`),
+        before clipping and limiting."""
+        return source_proposals(image, self.proposals, image_name, image_id)
 
-    def classify(self, image: np.ndarray, boxes: torch.Tensor, clock: StageClock
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Warp ``boxes`` and run every model on them in batches.
-
-        Returns the ensemble's mean class probabilities, float32 ``(N, C + 1)``, and mean box deltas,
-        float32 ``(N, 4 C)``, on the CPU.
-        """
-        num_classes = self.vocabulary.num_classes
-        probs = torch.zeros((len(boxes), num_classes + 1))
-        deltas = torch.zeros((len(boxes), 4 * num_classes))
-        if len(boxes) == 0:
-            return probs, deltas
-        pyramids = {}  # ensemble members with the same input settings share one pyramid
-        for model in self.models:
-            cfg: ClassifierConfig = model.config
-            with clock("warp"):
-                key = (cfg.input_size, cfg.context, cfg.mean, cfg.std, cfg.antialias)
-                if key not in pyramids:
-                    pyramids[key] = image_pyramid(image, boxes.cpu(), cfg.input_size, cfg.context, cfg.mean,
-                                                  cfg.std, cfg.antialias, self.device)
-                pyramid = pyramids[key]
-            for start in range(0, len(boxes), self.batch_size):
-                chunk = slice(start, start + self.batch_size)
-                with clock("warp"):
-                    crops = warp_pyramid(pyramid, boxes[chunk], cfg.input_size, cfg.context, cfg.sampling_ratio)
-                    crops = crops.contiguous(memory_format=torch.channels_last)
-                with clock("classify"), torch.inference_mode(), self._autocast():
-                    out = model(crops)
-                    probs[chunk] += out.class_logits.float().softmax(dim=1).cpu()
-                    deltas[chunk] += out.box_deltas.float().cpu()
+    def classify(self, image: np.ndarray, boxes) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble's mean class probabilities, float32 ``(N, C + 1)``, and mean box deltas, float32
+        ``(N, 4 C)``, on the CPU, for ``boxes`` (float ``(N, 4)`` xyxy pixels) of one image."""
+        boxes = torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4)
+        job = _Image(0, (int(image.shape[0]), int(image.shape[1])), boxes)
+        batches = _RegionBatches(self)
+        batches.add(job, image)
+        batches.flush()
         n = len(self.models)
-        return probs / n, deltas / n
+        return (job.probs / n).cpu(), (job.deltas / n).cpu()
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
-
-    def _detections(self, kept, image_size: tuple[int, int], timings: dict[str, float]) -> Detections:
+    def _detections(self, job: _Image) -> Detections:
+        """Decode the boxes of a classified image, post-process them, and wrap them as :class:`Detections`."""
+        start = time.perf_counter()
+        n = len(self.models)
+        class_boxes = self.box_coder.decode(job.deltas / n, job.boxes.to(self.device, non_blocking=True))
+        kept = postprocess(job.probs / n, class_boxes, job.image_size, self.postprocess_config)
         labels = kept.labels.cpu().numpy().astype(np.int64)
+        timings = dict(job.timings)
+        timings["postprocess"] += time.perf_counter() - start
+        timings["total"] = sum(timings[s] for s in STAGES)
         return Detections(boxes=kept.boxes.cpu().numpy().astype(np.float32),
                           scores=kept.scores.cpu().numpy().astype(np.float32), labels=labels,
                           class_names=tuple(self._names[labels].tolist()), class_ids=self._ids[labels],
-                          image_size=(int(image_size[0]), int(image_size[1])), timings=timings)
+                          image_size=job.image_size, timings=timings)
+
+    def _run_models(self, indices: Sequence[int], crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed softmax probabilities ``(B, C + 1)`` and box deltas ``(B, 4 C)`` (float32, on the device) of
+        the models ``indices`` over one batch of crops (float32 ``(B, 3, S, S)`` on the device)."""
+        crops = crops.contiguous(memory_format=torch.channels_last)
+        count = len(crops)
+        if self.compiled:  # a few batch shapes only: each new shape compiles again
+            padded = min(max(self.batch_size, count), max(16, 1 << (count - 1).bit_length()))
+            if padded > count:
+                crops = torch.cat([crops, crops.new_zeros((padded - count, *crops.shape[1:]))])
+        probs = deltas = None
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.dtype == torch.bfloat16):
+            for index in indices:
+                out = self.models[index](crops)
+                p = out.class_logits[:count].float().softmax(dim=1)
+                d = out.box_deltas[:count].float()
+                probs, deltas = (p, d) if probs is None else (probs + p, deltas + d)
+        return probs, deltas
+
+
+class _RegionBatches:
+    """Crops of consecutive images packed into forward passes of ``batch_size``; each image's summed outputs
+    are filled in as its crops are classified, and images come out, in order, once all their crops are.
+
+    Pending crops stay below ``batch_size`` per warp group, so memory does not grow with the number of
+    images; pyramids live only while their image's crops are warped."""
+
+    def __init__(self, detector: Detector):
+        self.det = detector
+        self.clock = StageClock(detector.device, detector.sync_timings)
+        # models that read the same pyramid, and among them those fed the same crops (same sampling)
+        by_setting: dict[tuple, dict[int, list[int]]] = {}
+        for index, model in enumerate(detector.models):
+            cfg = model.config
+            key = (cfg.input_size, cfg.context, cfg.mean, cfg.std, cfg.antialias)
+            by_setting.setdefault(key, {}).setdefault(cfg.sampling_ratio, []).append(index)
+        self.groups = [(key, ratio, models) for key, by_ratio in by_setting.items() for ratio, models in by_ratio.items()]
+        self.pending: list[list[tuple[_Image, int, torch.Tensor]]] = [[] for _ in self.groups]
+        self.filled = [0] * len(self.groups)
+        self.jobs: deque[_Image] = deque()
+
+    def add_failed(self, job: _Image) -> None:
+        self.jobs.append(job)
+
+    def add(self, job: _Image, image: np.ndarray) -> None:
+        """Queue an image whose ``job.boxes`` are set; runs every batch that fills up."""
+        det, n = self.det, len(job.boxes)
+        num_outputs = det.vocabulary.num_classes + 1
+        job.probs = torch.zeros((n, num_outputs), device=det.device)
+        job.deltas = torch.zeros((n, 4 * (num_outputs - 1)), device=det.device)
+        job.waiting = n * len(self.groups)
+        self.jobs.append(job)
+        if n == 0:
+            return
+        start = self.clock.start()
+        source = image
+        if det.device.type != "cpu":  # the image goes to the device once, as uint8 (pinned, non-blocking)
+            source = torch.from_numpy(np.ascontiguousarray(image)).pin_memory()
+            source = source.to(det.device, non_blocking=True).permute(2, 0, 1)
+        job.timings["warp"] += self.clock.stop("warp", start)
+        pyramid, pyramid_key = None, None
+        for group, (key, ratio, _) in enumerate(self.groups):  # groups of one setting are consecutive
+            if key != pyramid_key:  # one pyramid per input setting, shared by the ensemble
+                start = self.clock.start()
+                pyramid, pyramid_key = image_pyramid(source, job.boxes, *key, det.device), key
+                job.timings["warp"] += self.clock.stop("warp", start)
+            self._queue(group, job, pyramid, ratio)
+
+    def _queue(self, group: int, job: _Image, pyramid: list[torch.Tensor], ratio: int) -> None:
+        """Warp the image's boxes for one group in pieces that top up its pending batch."""
+        size, context = self.groups[group][0][:2]
+        boxes = job.boxes
+        start_box = 0
+        while start_box < len(boxes):
+            take = min(len(boxes) - start_box, self.det.batch_size - self.filled[group])
+            start = self.clock.start()
+            crops = warp_pyramid(pyramid, boxes[start_box:start_box + take], size, context, ratio)
+            job.timings["warp"] += self.clock.stop("warp", start)
+            self.pending[group].append((job, start_box, crops))
+            self.filled[group] += take
+            start_box += take
+            if self.filled[group] == self.det.batch_size:
+                self._run(group)
+
+    def _run(self, group: int) -> None:
+        """One forward pass of the group's models over its pending crops; outputs go back to their images."""
+        pieces = self.pending[group]
+        if not pieces:
+            return
+        start = self.clock.start()
+        batch = pieces[0][2] if len(pieces) == 1 else torch.cat([crops for _, _, crops in pieces])
+        probs, deltas = self.det._run_models(self.groups[group][2], batch)
+        row = 0
+        for job, first, crops in pieces:
+            rows = slice(first, first + len(crops))
+            job.probs[rows] += probs[row:row + len(crops)]
+            job.deltas[rows] += deltas[row:row + len(crops)]
+            job.waiting -= len(crops)
+            row += len(crops)
+        seconds = self.clock.stop("classify", start)
+        for job, _, crops in pieces:  # a shared forward pass is split by the images' numbers of crops
+            job.timings["classify"] += seconds * len(crops) / len(batch)
+        self.pending[group] = []
+        self.filled[group] = 0
+
+    def flush(self) -> None:
+        """Run the partial batches."""
+        for group in range(len(self.groups)):
+            self._run(group)
+
+    def finished(self) -> Iterator[_Image]:
+        """The leading images whose crops are all classified (submission order)."""
+        while self.jobs and self.jobs[0].waiting == 0:
+            yield self.jobs.popleft()
 
 
 def default_model() -> Path | None:

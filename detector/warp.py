@@ -214,21 +214,24 @@ def warp_pyramid(pyramid: list[torch.Tensor], boxes, output_size: int = 224, con
     pyramid: level 0 is the normalized image (mean 0) inside a one-pixel zero border, float
         ``(3, H + 2, W + 2)``; further levels as :func:`build_pyramid` makes them. A one-level pyramid
         samples every box from the full-resolution image (no antialiasing).
-    boxes: float ``(N, 4)`` xyxy, pixels of the image (without the border).
+    boxes: float ``(N, 4)`` xyxy, pixels of the image (without the border). Boxes on the CPU (numpy or
+        tensor) are grouped by level there, so a pyramid on a GPU is never waited for; only the regions
+        travel to it.
     Returns: float32 ``(N, 3, S, S)`` on the pyramid's device, in the order of ``boxes``.
     """
     device = pyramid[0].device
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     if boxes.shape[0] == 0:
         return pyramid[0].new_zeros((0, 3, output_size, output_size))
     regions = dilate_boxes(boxes, output_size, context)
     level_of = pyramid_levels(regions, output_size, num_levels=len(pyramid))
-    used = torch.unique(level_of).tolist()
+    used = torch.unique(level_of).tolist()  # on the boxes' device: the CPU in the engine, no GPU sync
+    regions = regions.to(device, non_blocking=True)
     if len(used) == 1:
         return _roi_align_padded(pyramid[used[0]], regions / 2 ** used[0], output_size, sampling_ratio)
     out = pyramid[0].new_empty((boxes.shape[0], 3, output_size, output_size))
     for level in used:
-        idx = torch.nonzero(level_of == level).squeeze(1)
+        idx = torch.nonzero(level_of == level).squeeze(1).to(device, non_blocking=True)
         crops = _roi_align_padded(pyramid[level], regions[idx] / 2 ** level, output_size, sampling_ratio)
         out.index_copy_(0, idx, crops)
     return out

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from detector.apps.benchmark_map import main
 from detector.base.boxes import xyxy_to_voc
 from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
 from detector.base.cli import run_tool
@@ -36,7 +37,6 @@ from detector.evaluation import evaluate_coco, evaluate_ilsvrc
 from detector.pipeline import Detector
 from detector.postprocess import PostprocessConfig
 from proposals.store import ImageProposals, encode_boxes, write_part
-from tools.benchmark_map import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = (0, 4, 23)  # chess/test images with 14, 7 and 8 pieces

@@ -1,8 +1,8 @@
-"""tools/benchmark_map.py: the ILSVRC flags on the devkit demo, VOC and COCO runs, one-line errors."""
+"""gdet-benchmark (detector/apps/benchmark_map.py): the ILSVRC flags on the devkit demo, VOC and COCO runs,
+one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.apps.benchmark_map import main
 from detector.base.cli import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("benchmark_map", ROOT / "tools" / "benchmark_map.py")
-benchmark_map = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark_map)
-main = benchmark_map.main
 
 
 def test_help_runs_as_a_script():

@@ -1,6 +1,5 @@
-"""tools/detect.py: the table, the JSON schema, drawn output, the missing default model and bad inputs."""
+"""gdet-detect (detector/apps/detect.py, tools/detect.py): the table, the JSON schema, drawn output, the missing default model and bad inputs."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import detector.apps.detect as detect_tool
 import detector.pipeline as pipeline
 from detector.base.checkpoint import checkpoint_paths, make_checkpoint_config, save_checkpoint
 from detector.base.cli import run_tool
@@ -20,10 +20,7 @@ from detector.draw import class_colour, draw_detections
 from detector.pipeline import Detections
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TOOL = PROJECT_ROOT / "tools" / "detect.py"
-spec = importlib.util.spec_from_file_location("detect_tool", TOOL)
-detect_tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(detect_tool)
+TOOL = PROJECT_ROOT / "tools" / "detect.py"  # run as a process only where exit codes and stderr matter
 
 
 @pytest.fixture(scope="module")

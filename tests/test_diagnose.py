@@ -14,12 +14,12 @@ import shutil
 import numpy as np
 import pytest
 
+from detector.apps import benchmark_map
 from detector.base.boxes import xyxy_to_coco
 from detector.base.cli import run_tool
 from detector.base.vocab import Vocabulary
 from detector.data.records import Dataset, ImageRecord
 from detector.evaluation import DiagnoseConfig, diagnose, evaluate_voc
-from tools import benchmark_map
 
 CAT, DOG = 1, 2
 VOCAB = Vocabulary(ids=(1, 2), names=("cat", "dog"))

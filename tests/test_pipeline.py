@@ -102,9 +102,8 @@ def test_ensemble_averages_probabilities_and_deltas(chess_scene, checkpoints):
     singles = [Detector.from_checkpoint(p, **kwargs) for p in checkpoints]
     ensemble = Detector.from_checkpoint(checkpoints, **kwargs)
     t = torch.from_numpy(boxes[:12])
-    clock = pipeline.StageClock(torch.device("cpu"))
-    (p0, d0), (p1, d1) = (s.classify(image, t, clock) for s in singles)
-    pe, de = ensemble.classify(image, t, clock)
+    (p0, d0), (p1, d1) = (s.classify(image, t) for s in singles)
+    pe, de = ensemble.classify(image, t)
     torch.testing.assert_close(pe, (p0 + p1) / 2, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(de, (d0 + d1) / 2, rtol=1e-5, atol=1e-7)
     # two different networks, so averaging means something
@@ -120,9 +119,8 @@ def test_ensemble_of_different_vocabularies_refused(tmp_path, checkpoints):
 def test_bf16_close_to_fp32(chess_scene, checkpoints):
     image, boxes, _ = chess_scene
     t = torch.from_numpy(boxes[:8])
-    clock = pipeline.StageClock(torch.device("cpu"))
-    p32, _ = Detector.from_checkpoint(checkpoints[0], device="cpu", precision="fp32").classify(image, t, clock)
-    p16, _ = Detector.from_checkpoint(checkpoints[0], device="cpu", precision="bf16").classify(image, t, clock)
+    p32, _ = Detector.from_checkpoint(checkpoints[0], device="cpu", precision="fp32").classify(image, t)
+    p16, _ = Detector.from_checkpoint(checkpoints[0], device="cpu", precision="bf16").classify(image, t)
     assert (p32 - p16).abs().max() < 0.05  # bf16 keeps 8 bits of mantissa
 
 

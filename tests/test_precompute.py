@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detector.apps.precompute_proposals import main as tool_main
 from detector.base.cli import run_tool
 from detector.base.errors import UserError
 from proposals import ProposalStore
-from proposals.precompute import PrecomputeConfig, list_file, list_images, parse_shard, precompute
+from detector.base.jobs import Shard
+from proposals.precompute import PrecomputeConfig, list_file, list_images, precompute
 from proposals.store import part_files
-from tools.precompute_proposals import main as tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = (("max_side", 96),)  # small working size: quick, same code path
@@ -147,15 +148,13 @@ def test_two_runs_on_one_store_do_not_corrupt_it(images, tmp_path):
         np.testing.assert_array_equal(store[name][0], ref[name][0])
 
 
-def test_parse_shard_from_flag_or_torchrun_environment():
-    assert parse_shard("2/5") == (2, 5)
-    assert parse_shard(None, {"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
-    assert parse_shard(None, {}) == (0, 1)
-    from detector.base.errors import UserError
-
+def test_shard_from_flag_or_torchrun_environment():
+    assert Shard.parse("2/5") == Shard(2, 5)
+    assert Shard.parse(None, {"RANK": "3", "WORLD_SIZE": "4"}) == Shard(3, 4, torchrun=True)
+    assert Shard.parse(None, {}) == Shard(0, 1)
     for bad in ("5/5", "a/b", "1"):
         with pytest.raises(UserError):
-            parse_shard(bad)
+            Shard.parse(bad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,7 +213,7 @@ def replace(src, dst):  # kill -9 just before the compacted part takes its name:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 os.replace = replace
-from tools.precompute_proposals import main
+from detector.apps.precompute_proposals import main
 sys.exit(main(sys.argv[1:]))
 """
 

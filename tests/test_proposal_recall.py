@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from detector.apps.proposal_recall import main as tool_main
 from detector.data import ImageRecord, read_voc
 from proposals.precompute import PrecomputeConfig, list_file, precompute
 from proposals.recall import RecallAccumulator, best_overlaps, evaluation_boxes
-from tools.proposal_recall import main as tool_main
 
 
 def test_best_overlaps_by_hand():

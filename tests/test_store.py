@@ -290,7 +290,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("proposals.store.os.fsync", full)
+    monkeypatch.setattr("proposals.part.os.fsync", full)
     with pytest.raises(UserError, match="a.pstore: cannot write .*No space left on device.*free some space"):
         write_part(tmp_path / "a.pstore", random_entries(3), META)
     assert list(tmp_path.iterdir()) == []

@@ -213,3 +213,46 @@ def test_a_settings_group_an_older_state_lacks_is_reported_not_refused(tmp_path)
     with pytest.raises(UserError, match="proposals.method: 'ss-fast' in the file, 'ss-quality' now"):
         run(tmp_path / "a", iterations=7, resume=tmp_path / "a",
             resume_key={"model": "tiny", "proposals": {"method": "ss-quality"}})
+
+
+KILLED_RUN = """
+import importlib.util, sys, time
+import torch
+torch.set_num_threads(1)
+spec = importlib.util.spec_from_file_location("resume_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+
+class Slow(module.SyntheticSource):
+    def batch(self, iteration):
+        time.sleep(0.1)
+        return super().batch(iteration)
+
+module.run(sys.argv[2], source=Slow())
+"""
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    full = run(tmp_path / "full")
+    out = tmp_path / "killed"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, __file__, str(out)], cwd=root,
+                            env=dict(os.environ, PYTHONPATH=str(root)), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "last.state.pt").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # just after the checkpoint at iteration 5, while training goes on
+    assert proc.wait() == -signal.SIGKILL
+    assert load_train_state(out)["iteration"] in (5, 10)  # 10 only if this process stalled half a second
+    resumed = run(out, resume=out)
+    assert losses(out) == losses(tmp_path / "full")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list(out.glob(".*tmp*"))

@@ -9,6 +9,8 @@ and torch are imported only inside the functions that read or write weights); th
 The config (see :func:`make_checkpoint_config`) is a JSON object::
 
     {"format": "googlenet-detection-checkpoint", "version": 1,
+     "name": "chess pieces",                              # optional: what the model detects, in words
+     "description": "...",                                # optional: a sentence or two (data, how made)
      "classifier": ClassifierConfig.to_dict(),           # input size, normalization, warp settings
      "classes": Vocabulary.to_dict(),                     # label c in 1..C is classes.names[c - 1]
      "proposals": {"method": "ss-fast", "options": {}, "max_proposals": 2000},
@@ -16,13 +18,15 @@ The config (see :func:`make_checkpoint_config`) is a JSON object::
      "box_coder": {"weights": [10, 10, 5, 5]},
      "training": {...}}                                   # free-form provenance
 
-Either file's path (or ``NAME`` alone) names the checkpoint.
+Either file's path (or ``NAME`` alone) names the checkpoint. :func:`model_info` reads what a checkpoint
+detects (its name and classes) from the JSON alone, for tools' headers and ``--help``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +40,12 @@ if TYPE_CHECKING:
 
 CHECKPOINT_FORMAT = "googlenet-detection-checkpoint"
 CHECKPOINT_VERSION = 1
+
+# The installed default model (NAME: NAME.safetensors + NAME.json), shipped as package data.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "resources" / "default_detector"
+NO_DEFAULT_MODEL = ("no model is installed: the default model (detector/resources/default_detector"
+                    ".safetensors + .json) has not been trained yet; train one with tools/train_detector.py "
+                    "and pass it with --model PATH")
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -106,6 +116,50 @@ def checkpoint_section(config: dict, key: str, path) -> dict:
         raise UserError(f"checkpoint '{path}': its config has no '{key}' section; it was not written by "
                         "this project's save_checkpoint/make_checkpoint_config")
     return value
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint detects, from its JSON config alone (no weights, no torch).
+
+    name: the config's ``name`` ("chess pieces"), or ``None`` if it has none.
+    description: the config's ``description``, or ``""``.
+    class_names: the ``C`` class names, label ``c`` in ``1..C`` is ``class_names[c - 1]``.
+    """
+
+    name: str | None
+    description: str
+    class_names: tuple[str, ...]
+
+    def classes_text(self, max_chars: int = 100) -> str:
+        """``"13 classes (bishop, black-bishop, ..., white-rook)"``: every name that fits in about
+        ``max_chars``, then how many more."""
+        names, shown = list(self.class_names), []
+        for i, name in enumerate(names):
+            if shown and len(", ".join(shown + [name])) > max_chars and i < len(names) - 1:
+                shown.append(f"... {len(names) - i} more")
+                break
+            shown.append(name)
+        return f"{len(names)} class{'es' * (len(names) != 1)} ({', '.join(shown)})"
+
+    def summary(self) -> str:
+        """One line: ``"chess pieces, 13 classes (bishop, ...)"`` (the classes alone without a name)."""
+        return f"{self.name}, {self.classes_text()}" if self.name else self.classes_text()
+
+    def short(self) -> str:
+        """What it knows in a few words: its name, or its classes."""
+        return self.name or self.classes_text(max_chars=60)
+
+
+def model_info(path: str | os.PathLike) -> ModelInfo:
+    """The :class:`ModelInfo` of checkpoint ``path``; :class:`UserError` if its JSON is missing or bad."""
+    config = load_checkpoint_config(path)
+    names = checkpoint_section(config, "classes", path).get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"checkpoint '{path}': its config's classes have no list of names; restore it")
+    name = config.get("name")
+    return ModelInfo(name=str(name) if name else None, description=str(config.get("description") or ""),
+                     class_names=tuple(names))
 
 
 def make_checkpoint_config(classifier, vocabulary: Vocabulary, proposals: dict | None = None,

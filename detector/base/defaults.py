@@ -32,6 +32,11 @@ MAX_DETECTIONS = 100
 # Inference precision: "auto" is bf16 where the hardware has it natively, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16")
 
+# Crops per forward pass of the detection engine (filled across images): small batches suit a CPU
+# (no gain beyond 64, more memory), a GPU needs large ones to be busy (issue 12: batch 1024 on an H200).
+BATCH_SIZE_CPU = 64
+BATCH_SIZE_CUDA = 1024
+
 DEFAULT_MAX_PIXELS = 50_000_000  # images above 50 megapixels are refused from the header
 
 

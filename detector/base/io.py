@@ -24,6 +24,9 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
+# File name endings taken as images when a folder or a pattern is listed (any file given by name is
+# tried whatever its name).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 class ImageError(UserError, ValueError):

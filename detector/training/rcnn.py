@@ -282,16 +282,22 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
 # shipping a checkpoint
 
 
-def export_detector(source: str | Path, target: str | Path, half: bool = True, notes: dict | None = None) -> Path:
+def export_detector(source: str | Path, target: str | Path, half: bool = True, notes: dict | None = None,
+                    name: str | None = None, description: str | None = None) -> Path:
     """Write ``source``'s detector as ``target`` for inference: without the auxiliary classifiers (only
     training uses them), floating-point tensors as float16 when ``half`` (loading casts them back to the
-    model's float32), and ``notes`` added to the config's ``training`` section. Returns the weights path."""
+    model's float32), and ``notes`` added to the config's ``training`` section. ``name`` ("chess pieces")
+    and ``description`` say what it detects (tools print them); ``None`` keeps the source's. Returns the
+    weights path."""
     state, config = load_checkpoint(source)
     state = {k: v for k, v in state.items() if not k.startswith(("trunk.aux1.", "trunk.aux2."))}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     config = json.loads(json.dumps(config))
     config.setdefault("classifier", {})["aux_logits"] = False
+    for key, value in (("name", name), ("description", description)):
+        if value is not None:
+            config[key] = value
     config["training"] = {**config.get("training", {}), **(notes or {}),
                           "exported_from": str(source), "stored_dtype": "float16" if half else "float32"}
     return save_checkpoint(target, state, config)

@@ -1,9 +1,10 @@
 """Periodic evaluation during training: the project's detector, with the model being trained, scored by
 the project's evaluator (:func:`detector.evaluation.voc.evaluate_voc`, VOC2010+ all-point AP at IoU 0.5).
 
-Detection is exactly what ``tools/detect.py`` does (:class:`detector.pipeline.Detector`), on a copy of
-the model (the detector puts its models in eval mode and channels-last memory) and on precomputed
-proposals, so that no checkpoint has to be written and read back.
+Detection is exactly what ``tools/detect.py`` does (:meth:`detector.pipeline.Detector.detect_stream`, the
+network's batches filled across images), on a copy of the model (the detector prepares its models for
+inference: eval mode, channels-last, bf16 weights on CUDA) and on precomputed proposals, so that no
+checkpoint has to be written and read back.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Validator:
 
     def __init__(self, dataset: Dataset, proposals: ProposalFn, max_proposals: int,
                  post: PostprocessConfig = PostprocessConfig(), box_coder: BoxCoder | None = None,
-                 precision: str = "auto", batch_size: int = 64, progress: bool = False):
+                 precision: str = "auto", batch_size: int | None = None, progress: bool = False):
         self.dataset, self.proposals, self.max_proposals, self.post = dataset, proposals, max_proposals, post
         self.box_coder = box_coder or BoxCoder()
         self.precision, self.batch_size, self.progress = precision, batch_size, progress
@@ -43,15 +44,16 @@ class Validator:
         device = next(model.parameters()).device
         detector = Detector([copy.deepcopy(model)], self.dataset.vocab,
                             ProposalSettings(max_proposals=self.max_proposals), self.post, self.box_coder,
-                            device=device, precision=self.precision, batch_size=self.batch_size)
-        detections = {}
-        for i, rec in enumerate(tqdm(self.dataset.records, desc="validating", unit="img", leave=False,
-                                     disable=not self.progress)):
-            image = self._images.get(i)
-            if image is None:
-                image = self._images[i] = load_image(self.dataset.image_path(rec))
-            detections[rec.image_id] = detector(image, proposals=self.proposals(rec, image))
-        return detections
+                            device=device, precision=self.precision, batch_size=self.batch_size, workers=0)
+        def images():
+            for i, rec in enumerate(tqdm(self.dataset.records, desc="validating", unit="img", leave=False,
+                                         disable=not self.progress)):
+                image = self._images.get(i)
+                if image is None:
+                    image = self._images[i] = load_image(self.dataset.image_path(rec))
+                yield rec.image_id, image, self.proposals(rec, image), rec.file_name
+
+        return dict(detector.detect_stream(images()))
 
     def __call__(self, model: torch.nn.Module) -> dict:
         detections = self.detect_all(model)

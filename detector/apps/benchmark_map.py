@@ -1,0 +1,376 @@
+"""Benchmark mAP: evaluate detections against a dataset's ground truth with the ILSVRC, VOC or COCO protocol.
+
+ILSVRC DET (the official devkit's rules, same numbers as eval_detection.m):
+    python tools/benchmark_map.py --protocol ilsvrc --predictions FILE --annotations DIR \\
+        --image-list FILE --meta FILE [--blacklist FILE] --json OUT [--plot DIR]
+  FILE lines: <image id> <DET id> <confidence> <xmin> <ymin> <xmax> <ymax> (1-based, inclusive).
+
+PASCAL VOC (VOC2010+ all-point AP, or --use-07-metric for the VOC2007 11-point AP):
+    python tools/benchmark_map.py --protocol voc --predictions FILE --annotations VOC_ROOT \\
+        [--split test] [--use-07-metric] [--iou 0.5] --json OUT [--plot DIR]
+  FILE lines: <image id> <class name or id> <confidence> <xmin> <ymin> <xmax> <ymax> (1-based, inclusive).
+
+COCO (pycocotools COCOeval, 12 numbers):
+    python tools/benchmark_map.py --protocol coco --predictions RESULTS.json --annotations INSTANCES.json \\
+        --json OUT [--plot DIR]
+
+Ground truth in another format: --gt-format ilsvrc|voc|coco (default: the protocol's own); predictions
+then use that format's file (ILSVRC submission lines, VOC lines, or a COCO results JSON).
+Prints a per-class table (id, name, positives, AP) and the mean. Exit code 2 on bad input.
+--diagnose DIR (either mode) adds the false-positive analysis of Hoiem et al. (ECCV 2012) at IoU --iou:
+localization, duplicate, confusion and background errors among the top-ranked detections of each class
+(--diagnose-top K: K x the class's objects, default 1; or all), the AP each type costs, and the class
+confusion matrix; it prints the tables and writes diagnose.json, diagnose.png and confusion.png into DIR.
+
+Model mode: detect every image of a dataset with a checkpoint (several --model: an ensemble; "default":
+the installed default model), write the dataset's result file, then evaluate it as above:
+    python tools/benchmark_map.py --model PATH [--model PATH ...] --dataset ilsvrc --images DIR \
+        --image-list FILE --annotations DIR [--meta FILE] [--blacklist FILE] --out DIR [--proposals METHOD|STORE]
+    python tools/benchmark_map.py --model PATH --dataset voc --annotations VOC_ROOT [--split test] --out DIR
+    python tools/benchmark_map.py --model PATH --dataset coco --annotations INSTANCES.json [--images DIR] --out DIR
+  Without --annotations (--dataset ilsvrc only, e.g. the test list) the submission file is written and
+  nothing is evaluated.
+  --out receives ilsvrc_submission.txt (ILSVRC; 1-based inclusive), coco_results.json (COCO) or
+  voc_detections.txt (VOC), evaluation.json, per_class.txt, pr_curves.png, ap_per_class.png,
+  run_summary.json (images/s, unreadable images and why) and parts/ (the resumable chunks).
+  --protocol defaults to the dataset's (e.g. --dataset coco --protocol voc gives VOC AP50 on COCO data).
+  Rerunning the same command resumes a killed run. Under torchrun each rank detects a shard (or pass
+  --shard K/N on separate machines sharing --out) and rank 0 (or the last shard) merges and evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from detector.base.cli import run_tool
+from detector.base.errors import UserError
+from detector.base.threads import add_threads_argument, configure_threads
+
+PROTOCOLS = ("ilsvrc", "voc", "coco")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (model mode: default --dataset)")
+    p.add_argument("--predictions", type=Path,
+                   help="detections file (ILSVRC submission lines, VOC lines, or a COCO results JSON)")
+    p.add_argument("--annotations", type=Path,
+                   help="ILSVRC: folder of XML files; VOC: dataset root; COCO: instances JSON (with --model "
+                        "--dataset ilsvrc it may be left out: detection only, e.g. for the test set)")
+    p.add_argument("--gt-format", choices=PROTOCOLS, help="ground-truth format (default: the protocol's own)")
+    g = p.add_argument_group("ILSVRC")
+    g.add_argument("--image-list", type=Path, help="val.txt-style list '<image name> <image id>'")
+    g.add_argument("--meta", type=Path, help="the devkit's meta_det.mat (default: the shipped 200 classes)")
+    g.add_argument("--blacklist", type=Path, help="'<image id> <wnid>' pairs to ignore")
+    g.add_argument("--strict", action="store_true",
+                   help="reject prediction lines with xmax < xmin or ymax < ymin (the devkit evaluates them)")
+    g = p.add_argument_group("VOC")
+    g.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default: test)")
+    g.add_argument("--use-07-metric", action="store_true", help="VOC2007 11-point AP instead of all-point")
+    g.add_argument("--iou", type=float, default=0.5, help="IoU threshold, a match is IoU in [iou, 1] (default 0.5)")
+    g = p.add_argument_group("COCO")
+    g.add_argument("--image-root", type=Path, help="COCO images folder (only recorded, not read)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", type=Path, help="write the result as JSON")
+    g.add_argument("--plot", type=Path, help="write PR curves and the AP bar chart (PNG) into this folder")
+    g.add_argument("--rows", type=int, default=None, help="print at most this many table rows (default: all)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--diagnose", type=Path, metavar="DIR",
+                   help="false-positive analysis (Hoiem et al.) at IoU --iou and the class confusion matrix: print "
+                        "the tables, write diagnose.json, diagnose.png and confusion.png into DIR")
+    g.add_argument("--diagnose-top", default="1", metavar="K|all",
+                   help="--diagnose analyses the K x N_j most confident detections of each class (N_j: its "
+                        "objects; default 1, Hoiem's choice), or all of them")
+    add_model_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model mode (detect every image, write the result file, evaluate it)")
+    g.add_argument("--model", action="append", metavar="PATH",
+                   help="checkpoint NAME(.safetensors|.json), or 'default'; repeat for an ensemble")
+    g.add_argument("--dataset", choices=PROTOCOLS, help="how --annotations is laid out (which reader)")
+    g.add_argument("--images", type=Path, help="image folder (ILSVRC: <name>.JPEG; default for VOC: ROOT/JPEGImages, "
+                   "for COCO: the JSON's folder)")
+    g.add_argument("--out", type=Path, help="output folder (results, evaluation, plots, resumable parts)")
+    g.add_argument("--proposals", metavar="METHOD|STORE",
+                   help="proposal method (ss-fast, googlenet, ...) or a precomputed store (default: the checkpoint's)")
+    g.add_argument("--max-proposals", type=int, metavar="N", help="classify at most N proposals per image")
+    g.add_argument("--threshold", type=float,
+                   help="keep detections with score in [T, 1] (default: the checkpoint's, 0.05 unless set)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available; torchrun: this rank's GPU), cpu, cuda:N")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="network precision")
+    g.add_argument("--batch-size", type=int, default=64, help="regions per forward pass, across images (default 64)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="threads reading images and computing proposals (default 1; 0: in the main thread)")
+    g.add_argument("--chunk-size", type=int, default=32, help="images per atomic part file (default 32)")
+    add_threads_argument(g)
+    g.add_argument("--shard", help="K/N: detect shard K of N (default: RANK/WORLD_SIZE under torchrun, else all)")
+
+
+def load_ground_truth(args):
+    """The dataset of ``--annotations`` in ``--gt-format``."""
+    from detector.data import read_coco, read_ilsvrc_det, read_voc
+
+    fmt = args.gt_format or args.protocol
+    if fmt == "ilsvrc":
+        if args.image_list is None:
+            raise UserError("--image-list is required for ILSVRC ground truth (e.g. data/det_lists/val.txt)")
+        return read_ilsvrc_det(args.image_list, args.annotations, vocab=ilsvrc_vocabulary(args),
+                               blacklist=args.blacklist, progress=not args.quiet)
+    if fmt == "voc":
+        return read_voc(args.annotations, args.split)
+    return read_coco(args.annotations, image_root=args.image_root)
+
+
+def ilsvrc_vocabulary(args):
+    """The classes of ``--meta`` (a devkit meta_det.mat), or None for the shipped 200 DET classes."""
+    if args.meta is None:
+        return None
+    from detector.base.vocab import read_meta_det
+
+    if not args.meta.is_file():
+        raise UserError(f"{args.meta}: meta file not found")
+    try:
+        return read_meta_det(args.meta)
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(f"{args.meta}: not a devkit meta_det.mat ({err})") from None
+
+
+def listed_images(args):
+    """The images of ``--image-list`` without ground truth (an ILSVRC test list): detection only."""
+    from detector.base.vocab import ilsvrc_det_vocabulary
+    from detector.data.ilsvrc import read_image_list
+    from detector.data.records import Dataset, ImageRecord
+
+    if args.image_list is None:
+        raise UserError("--image-list is required for --dataset ilsvrc (e.g. data/det_lists/test.txt)")
+    records = [ImageRecord(image_id=image_id, file_name=f"{name}.JPEG")
+               for name, image_id in read_image_list(args.image_list)]
+    return Dataset(records=records, vocab=ilsvrc_vocabulary(args) or ilsvrc_det_vocabulary(),
+                   image_root=args.images, name=args.image_list.name)
+
+
+def load_predictions(args, dataset, in_memory: bool = False):
+    """Detections of ``--predictions`` in the ground truth's format: a path the evaluator reads itself when
+    that is exact (ILSVRC files for ILSVRC, COCO results for COCO) unless ``in_memory``, else an in-memory
+    mapping."""
+    from detector.evaluation import coco_results_to_detections, read_ilsvrc_predictions, read_voc_predictions
+    from detector.evaluation.submission import predictions_to_detections
+
+    fmt = args.gt_format or args.protocol
+    if fmt == "ilsvrc":
+        if args.protocol == "ilsvrc" and not in_memory:
+            return args.predictions
+        preds = read_ilsvrc_predictions(args.predictions, dataset.vocab.ids, strict_boxes=args.strict,
+                                        progress=not args.quiet)
+        return predictions_to_detections(preds, dataset)
+    if fmt == "voc":
+        return read_voc_predictions(args.predictions, dataset)
+    if args.protocol == "coco" and not in_memory:
+        return args.predictions
+    return coco_results_to_detections(args.predictions, dataset)
+
+
+def evaluate(args, dataset, detections):
+    from detector.evaluation import evaluate_coco, evaluate_ilsvrc, evaluate_voc
+
+    if args.protocol == "ilsvrc":
+        return evaluate_ilsvrc(dataset, detections, strict_boxes=args.strict, progress=not args.quiet)
+    if args.protocol == "voc":
+        return evaluate_voc(dataset, detections, iou_threshold=args.iou, use_07_metric=args.use_07_metric)
+    fmt = args.gt_format or args.protocol
+    return evaluate_coco(args.annotations if fmt == "coco" else dataset, detections)
+
+
+def report(args, result) -> None:
+    from detector.evaluation import plot_results, save_json
+
+    print(result.table(max_rows=args.rows))
+    if args.json:
+        save_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        for path in plot_results(result, args.plot):
+            print(f"wrote {path}")
+
+
+def diagnose_config(args):
+    """The ``DiagnoseConfig`` of ``--iou`` and ``--diagnose-top``."""
+    from detector.evaluation.diagnose import DiagnoseConfig
+
+    try:
+        top = None if args.diagnose_top == "all" else float(args.diagnose_top)
+        return DiagnoseConfig(iou_threshold=args.iou, top=top)
+    except ValueError:
+        raise UserError(f"--diagnose-top {args.diagnose_top}: expected a number > 0 or 'all'") from None
+
+
+def diagnose_report(args, dataset, detections) -> None:
+    """``--diagnose DIR``: the false-positive analysis of the detections (a mapping, or the file the
+    evaluator read), printed and written into DIR."""
+    from detector.evaluation.diagnose import diagnose, save_diagnosis_json
+    from detector.evaluation.diagnose_report import format_diagnosis, plot_diagnosis
+
+    if not isinstance(detections, dict):  # the file the evaluator read itself
+        detections = load_predictions(args, dataset, in_memory=True)
+    diagnosis = diagnose(dataset, detections, diagnose_config(args))
+    print()
+    print(format_diagnosis(diagnosis))
+    args.diagnose.mkdir(parents=True, exist_ok=True)
+    save_diagnosis_json(diagnosis, args.diagnose / "diagnose.json")
+    for path in [args.diagnose / "diagnose.json", *plot_diagnosis(diagnosis, args.diagnose)]:
+        print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def show_warnings():
+    """Warnings as one ``warning: ...`` line each on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest: print(f"warning: {message}", file=sys.stderr)
+        yield
+
+
+def open_proposals(value: str | None):
+    """``--proposals``: None (the checkpoint's method), a method name, or a store folder."""
+    from proposals import METHODS, ProposalStore
+
+    return value if value is None or value in METHODS else ProposalStore(value)
+
+
+def model_paths(values: list[str]) -> list[Path]:
+    from detector.pipeline import NO_DEFAULT_MODEL, default_model
+
+    paths = []
+    for value in values:
+        path = default_model() if value == "default" else Path(value)
+        if path is None:
+            raise UserError(NO_DEFAULT_MODEL)
+        paths.append(path)
+    return paths
+
+
+def detect_dataset(args):
+    """Model mode: detect this shard's images into ``--out/parts``; when every part is there, write the result
+    file. Returns ``(result file or None when other shards still have work, dataset, run summary)``."""
+    from detector.dataset_runner import (
+        RunConfig,
+        claim_parts_folder,
+        run_detection,
+        run_settings,
+        wait_for_parts,
+        write_results,
+    )
+    from detector.pipeline import load_detector
+    from detector.training.distributed import pick_device
+    from proposals.precompute import parse_shard
+
+    if args.out is None or args.dataset is None:
+        raise UserError("--model needs --dataset and --out")
+    if args.gt_format not in (None, args.dataset):
+        raise UserError("--gt-format is for --predictions; with --model, --dataset says how the ground truth is laid out")
+    if args.dataset == "ilsvrc" and args.images is None:
+        raise UserError("--images is required for --dataset ilsvrc (the folder of <name>.JPEG)")
+    args.gt_format, args.protocol = args.dataset, args.protocol or args.dataset
+    if args.dataset == "coco" and args.images is not None:
+        args.image_root = args.images
+    config = RunConfig(chunk_size=args.chunk_size, shard=parse_shard(args.shard), workers=args.workers)
+    rank, world = config.shard
+    torchrun = args.shard is None and world > 1  # rank 0 waits for the others, merges and evaluates
+    device = pick_device("auto", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "auto" else args.device
+    paths = model_paths(args.model)
+    if args.annotations is None and args.dataset != "ilsvrc":
+        raise UserError(f"--annotations is required for --dataset {args.dataset}")
+    dataset = load_ground_truth(args) if args.annotations is not None else listed_images(args)
+    if args.images is not None and args.dataset != "coco":
+        dataset.image_root = args.images
+    detector = load_detector(paths, device=device, precision=args.precision, batch_size=args.batch_size,
+                             proposals=open_proposals(args.proposals), max_proposals=args.max_proposals,
+                             score_threshold=args.threshold)
+    parts = claim_parts_folder(args.out / "parts", run_settings(paths, detector, dataset, config.chunk_size))
+    run = run_detection(detector, dataset, parts, config, progress=not args.quiet)
+    print(f"shard {rank}/{world}: {run.total} images, {run.skipped} already done, {run.done} detected in "
+          f"{run.seconds:.1f} s ({run.images_per_second:.2f} images/s), {len(run.failures)} unreadable",
+          file=sys.stderr)
+    summary = {"shard": [rank, world], **run.to_dict(), "device": str(detector.device),
+               "precision": str(detector.dtype), "batch_size": args.batch_size, "workers": args.workers}
+    if run.missing_chunks:
+        if not (torchrun and rank == 0):
+            print(f"{len(run.missing_chunks)} chunks of other shards are still missing; the last shard to finish "
+                  "(or rerunning this command) merges and evaluates", file=sys.stderr)
+            return None, dataset, summary
+        wait_for_parts(parts, dataset, config.chunk_size, progress=not args.quiet)
+    elif torchrun and rank != 0:
+        return None, dataset, summary
+    path, count, merged = write_results(parts, dataset, config.chunk_size, args.out, args.dataset)
+    print(f"wrote {path} ({count} detections on {len(dataset)} images)")
+    summary.update(dataset_images=len(dataset), detections=count, unreadable=len(merged.failures),
+                   failures=merged.failures)
+    if merged.failures:
+        print(f"{len(merged.failures)} of {len(dataset)} images could not be read (no detections; scored as the "
+              f"devkit would): " + "; ".join(f"{k}: {v}" for k, v in list(merged.failures.items())[:5])
+              + (" ..." if len(merged.failures) > 5 else ""), file=sys.stderr)
+    return path, dataset, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0.0 < args.iou <= 1.0:
+        raise UserError(f"--iou {args.iou} is outside (0, 1]")
+    if (args.model is None) == (args.predictions is None):
+        raise UserError("pass --predictions FILE (evaluate a file) or --model PATH (detect, then evaluate)"
+                        + (", not both" if args.model else ""))
+    if args.model is not None:
+        configure_threads(args.threads)  # before torch is imported
+        return model_mode(args)
+    if args.protocol is None or args.annotations is None:
+        raise UserError("--protocol and --annotations are required with --predictions")
+    with show_warnings():
+        dataset = load_ground_truth(args)
+        detections = load_predictions(args, dataset)
+        result = evaluate(args, dataset, detections)
+    report(args, result)
+    if args.diagnose:
+        with show_warnings():
+            diagnose_report(args, dataset, detections)
+    return 0
+
+
+def model_mode(args) -> int:
+    from detector.base.files import atomic_write
+
+    with show_warnings():
+        path, dataset, summary = detect_dataset(args)
+        if path is None:
+            return 0
+        if args.annotations is None:  # a test list: the result file is the product
+            atomic_write(args.out / "run_summary.json", json.dumps(summary, indent=1))
+            print("no --annotations: detection only, nothing evaluated")
+            return 0
+        args.predictions = path
+        detections = load_predictions(args, dataset)
+        result = evaluate(args, dataset, detections)
+    args.json, args.plot = args.out / "evaluation.json", args.out
+    report(args, result)
+    atomic_write(args.out / "per_class.txt", result.table() + "\n")
+    atomic_write(args.out / "run_summary.json", json.dumps(summary | {"mAP": result.mAP}, indent=1))
+    if args.diagnose:
+        with show_warnings():
+            diagnose_report(args, dataset, detections)
+    return 0
+
+
+def cli() -> int:
+    """The console script ``gdet-benchmark`` (and ``python tools/benchmark_map.py``): one-line errors, an exit code."""
+    return run_tool(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,340 @@
+"""Detect objects in images with the default model or a checkpoint.
+
+    gdet-detect INPUT [INPUT ...] [--model PATH [--model PATH ...]] [--classes NAME[,NAME...]]
+                [--json OUT|-] [--out PATH] [--threshold T] [--max-proposals N] [--proposals METHOD|STORE]
+                [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--threads N]
+    (python tools/detect.py ... in a checkout runs the same code)
+
+INPUT is an image file, a folder (the image files directly inside it, sorted by name) or a quoted
+pattern ('photos/*.jpg', 'shots/**/*.png'; expanded here, sorted). The first line names the model and
+its classes; then, per image, a table of detections (label, score, box as x1 y1 x2 y2 in pixels), or a
+line saying that nothing scored above the threshold. --classes keeps those classes only. --json writes
+JSON Lines, one object per image as each is done (to OUT.partial, renamed to OUT when the run is
+complete; '-' writes to stdout and the tables go to stderr); --out draws the detections (a file for
+one image, a folder for several). Several --model options form an ensemble. Output paths are checked
+before any work. An image that cannot be read is reported on one line and skipped; the exit code is
+then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import detector.base.checkpoint as checkpoint
+from detector.base.cli import run_tool
+from detector.base.defaults import PRECISIONS
+from detector.base.errors import UserError
+from detector.base.files import create_temporary
+from detector.base.threads import add_threads_argument, configure_threads
+
+if TYPE_CHECKING:
+    from detector.pipeline import Detections
+
+DRAWN_SUFFIXES = (".jpg", ".jpeg", ".png")
+PATTERN_CHARS = "*?["
+
+
+def default_model_line() -> str:
+    """``"default model: chess pieces, 13 classes (...)"``, from the installed model's JSON (no torch)."""
+    try:
+        return f"default model: {checkpoint.model_info(checkpoint.DEFAULT_MODEL).summary()}"
+    except UserError:
+        return "default model: none installed (give --model PATH)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"{__doc__}\n{default_model_line()}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files (JPEG, PNG, ...), folders of images, or quoted patterns")
+    parser.add_argument("--model", action="append", metavar="PATH",
+                        help="checkpoint NAME(.safetensors|.json); repeat for an ensemble (default: the "
+                             "installed default model)")
+    parser.add_argument("--classes", metavar="NAME[,NAME...]",
+                        help="report these classes only (names as the header lists them)")
+    parser.add_argument("--json", metavar="OUT",
+                        help="write the detections as JSON Lines, one object per image, as it goes ('-': stdout)")
+    parser.add_argument("--out", metavar="PATH",
+                        help="draw the detections: an image file for one input, a folder for several")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="report detections with score in [T, 1] (default 0.5; 0.05 for evaluation)")
+    parser.add_argument("--max-proposals", type=int, metavar="N",
+                        help="classify at most N proposals per image (default: the checkpoint's)")
+    parser.add_argument("--proposals", metavar="METHOD|STORE",
+                        help="proposal method (ss-fast, ss-quality, ...) or a precomputed proposal store "
+                             "(default: the checkpoint's method)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 where the hardware has it natively, else fp32")
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.max_proposals is not None and args.max_proposals < 1:
+        parser.error(f"--max-proposals must be >= 1, got {args.max_proposals}")
+    return args
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Image paths for INPUT arguments, in order: a file as given (read later, reported if it is not an
+    image); a folder as the image files directly inside it, sorted by name; a pattern (``*``, ``?``,
+    ``[``; ``**`` for any depth) as the image files it matches, sorted. A folder or pattern that yields no
+    image is an error before any work."""
+    from detector.base.io import IMAGE_EXTENSIONS  # numpy and Pillow: not for --help
+
+    paths = []
+    for value in inputs:
+        if os.path.isdir(value):
+            found = sorted(str(p) for p in Path(value).iterdir()
+                           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise UserError(f"folder '{value}' has no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                                "give image files, another folder or a pattern such as 'photos/**/*.jpg'")
+        elif any(c in value for c in PATTERN_CHARS) and not os.path.exists(value):
+            found = sorted(p for p in glob.glob(value, recursive=True)
+                           if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise UserError(f"pattern '{value}' matches no image file ({', '.join(IMAGE_EXTENSIONS)})")
+        else:
+            found = [value]
+        paths.extend(found)
+    return paths
+
+
+def selected_classes(value: str | None, known: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--classes`` as the model's own names (matched ignoring case), or ``None`` for all classes."""
+    if value is None:
+        return None
+    by_lower = {name.lower(): name for name in known}
+    chosen = []
+    for raw in value.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        if name.lower() not in by_lower:
+            raise UserError(f"--classes: the model has no class '{name}'; it knows: {', '.join(known)}")
+        if by_lower[name.lower()] not in chosen:
+            chosen.append(by_lower[name.lower()])
+    if not chosen:
+        raise UserError(f"--classes '{value}': no class name given; the model knows: {', '.join(known)}")
+    return tuple(chosen)
+
+
+def keep_classes(detections: Detections, classes: tuple[str, ...] | None) -> Detections:
+    """The detections of ``classes`` only (all of them for ``None``), in the same order."""
+    if classes is None:
+        return detections
+    keep = [i for i, name in enumerate(detections.class_names) if name in classes]
+    return replace(detections, boxes=detections.boxes[keep], scores=detections.scores[keep],
+                   labels=detections.labels[keep], class_names=tuple(detections.class_names[i] for i in keep),
+                   class_ids=detections.class_ids[keep])
+
+
+def proposal_source(value: str | None):
+    """``None`` (the checkpoint's), a method name, or a store object for a path."""
+    if value is None:
+        return None
+    from proposals import METHODS
+
+    if value in METHODS:
+        return value
+    if os.path.exists(value):
+        try:
+            from proposals import ProposalStore
+        except ImportError:
+            raise UserError(f"--proposals '{value}': proposal stores are not available in this version; "
+                            f"use a method ({', '.join(METHODS)})") from None
+        return ProposalStore(value)
+    raise UserError(f"--proposals '{value}': neither a method ({', '.join(METHODS)}) nor an existing "
+                    "proposal store")
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and write (then remove) a probe file in it: an unwritable output is one
+    line before any work, not an error after the last image."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = create_temporary(folder, ".gdet-detect-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write in '{folder}' ({err.strerror or err}); give a writable path") from None
+
+
+def check_json_target(value: str | None) -> None:
+    if value is None or value == "-":
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise UserError(f"--json '{value}' is a folder; give a file name (for example detections.jsonl)")
+    check_writable_folder(path.parent, f"--json '{value}'")
+
+
+def drawn_paths(images: list[str], out: str | None) -> list[Path | None]:
+    """Where each drawn image goes: ``out`` itself for one image, ``out/<name>`` for several; the folder
+    is checked writable here, before any work."""
+    if out is None:
+        return [None] * len(images)
+    out_path = Path(out)
+    if len(images) == 1 and not out_path.is_dir():
+        if out_path.suffix.lower() not in DRAWN_SUFFIXES:
+            raise UserError(f"--out '{out}': for one image give an image file name ending in "
+                            f"{', '.join(DRAWN_SUFFIXES)} (or an existing folder)")
+        check_writable_folder(out_path.parent, f"--out '{out}'")
+        return [out_path]
+    if out_path.exists() and not out_path.is_dir():
+        raise UserError(f"--out '{out}' is a file; with several images give a folder")
+    check_writable_folder(out_path, f"--out '{out}'")
+    paths, taken = [], set()
+    for image in images:
+        src = Path(image)
+        suffix = src.suffix.lower() if src.suffix.lower() in DRAWN_SUFFIXES else ".png"
+        name, n = src.stem + suffix, 1
+        while name in taken:  # two inputs with the same name from different folders
+            n += 1
+            name = f"{src.stem}_{n}{suffix}"
+        taken.add(name)
+        paths.append(out_path / name)
+    return paths
+
+
+@contextmanager
+def json_lines(value: str | None) -> Iterator[IO | None]:
+    """``--json``: a text stream for one JSON object per line, or ``None`` without ``--json``.
+
+    ``-`` is stdout. A file is written as ``OUT.partial``, flushed after every line (``tail -f`` follows
+    it), and renamed to ``OUT`` when the run completes; if the run is stopped, ``OUT.partial`` keeps the
+    images done so far and ``OUT`` is untouched.
+    """
+    if value is None:
+        yield None
+        return
+    if value == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(value)
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, target)
+
+
+def format_threshold(t: float) -> str:
+    return f"{t:.2f}" if abs(t * 100 - round(t * 100)) < 1e-9 else f"{t:g}"
+
+
+def format_table(image: str, detections: Detections) -> str:
+    h, w = detections.image_size
+    t = detections.timings
+    classify = t.get("warp", 0.0) + t.get("classify", 0.0) + t.get("postprocess", 0.0)
+    lines = [f"{image} ({w}x{h}): {len(detections)} detection{'s' * (len(detections) != 1)} in "
+             f"{t['total']:.2f} s (proposals {t.get('proposals', 0.0):.2f} s, classify {classify:.2f} s)"]
+    if len(detections):
+        width = max(5, *(len(n) for n in detections.class_names))
+        lines.append(f"  {'label':<{width}}  score      x1      y1      x2      y2")
+        for name, score, box in zip(detections.class_names, detections.scores, detections.boxes):
+            lines.append(f"  {name:<{width}}  {score:5.3f}" + "".join(f"{v:8.1f}" for v in box))
+    return "\n".join(lines)
+
+
+def nothing_found(image: str, threshold: float, info: checkpoint.ModelInfo,
+                  classes: tuple[str, ...] | None) -> str:
+    """``"  no detection above 0.50 in a.jpg (the model knows: chess pieces)"``."""
+    what = "detection" if classes is None else f"{' or '.join(classes)}"
+    return f"  no {what} above {format_threshold(threshold)} in {image} (the model knows: {info.short()})"
+
+
+def json_record(image: str, detections: Detections) -> dict:
+    t = detections.timings
+    h, w = detections.image_size
+    return {"image": image, "width": w, "height": h, "detections": detections.to_records(),
+            "timings_s": {"proposals": round(t.get("proposals", 0.0), 4),
+                          # everything after the proposals: warp, network, box decoding and NMS
+                          "classify": round(t.get("warp", 0.0) + t.get("classify", 0.0)
+                                            + t.get("postprocess", 0.0), 4),
+                          "total": round(t["total"], 4)}}
+
+
+def model_header(models: list[str] | None) -> tuple[str, checkpoint.ModelInfo]:
+    """The header line naming the model(s) and classes, and the (first) model's info, from the JSON alone."""
+    if not models:
+        weights, config = checkpoint.checkpoint_paths(checkpoint.DEFAULT_MODEL)
+        if not (weights.is_file() and config.is_file()):
+            raise UserError(checkpoint.NO_DEFAULT_MODEL)
+        info = checkpoint.model_info(checkpoint.DEFAULT_MODEL)
+        return f"default model: {info.summary()}", info
+    infos = [checkpoint.model_info(m) for m in models]
+    what = f"model {models[0]}" if len(models) == 1 else f"ensemble of {len(models)} models ({', '.join(models)})"
+    return f"{what}: {infos[0].summary()}", infos[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_threads(args.threads)  # before torch is imported
+    # before any work: the inputs, the output paths, the model's JSON and the class names
+    images = expand_inputs(args.inputs)
+    check_json_target(args.json)
+    outputs = drawn_paths(images, args.out)
+    header, info = model_header(args.model)
+    classes = selected_classes(args.classes, info.class_names)
+    report = sys.stderr if args.json == "-" else sys.stdout  # stdout is the JSON's with --json -
+    if classes is not None:
+        header += f"; reporting {', '.join(classes)} only"
+    print(header, file=report, flush=True)
+
+    # the library (torch, torchvision, numba) after parsing, so that --help and bad flags answer at once
+    from tqdm import tqdm
+
+    from detector.base.io import load_image
+    from detector.draw import draw_detections, save_image
+    from detector.pipeline import load_detector
+
+    detector = load_detector(args.model or checkpoint.DEFAULT_MODEL, device=args.device,
+                             precision=args.precision, proposals=proposal_source(args.proposals),
+                             max_proposals=args.max_proposals, score_threshold=args.threshold)
+    failures = []
+    with json_lines(args.json) as json_out:
+        progress = tqdm(list(zip(images, outputs)), desc="detect", unit="image", file=sys.stderr,
+                        disable=len(images) < 2)
+        for image_path, drawn in progress:
+            try:
+                image = load_image(image_path)
+                detections = keep_classes(detector(image, image_name=image_path), classes)
+                if drawn is not None:
+                    save_image(drawn, draw_detections(image, detections))
+            except UserError as err:
+                tqdm.write(f"error: {err}", file=sys.stderr)
+                failures.append(image_path)
+                continue
+            table = format_table(image_path, detections)
+            if not len(detections):
+                table += "\n" + nothing_found(image_path, args.threshold, info, classes)
+            tqdm.write(table, file=report)
+            if json_out is not None:
+                json_out.write(json.dumps(json_record(image_path, detections)) + "\n")
+                json_out.flush()
+    if failures:
+        print(f"failed: {len(failures)} of {len(images)} images: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli() -> int:
+    """The console script ``gdet-detect`` (and ``python tools/detect.py``): one-line errors, an exit code."""
+    return run_tool(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

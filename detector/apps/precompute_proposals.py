@@ -1,0 +1,148 @@
+"""Precompute proposals for a folder or list of images into a proposal store.
+
+    python tools/precompute_proposals.py IMAGES_DIR --out runs/ss.store --workers 2
+    python tools/precompute_proposals.py val.txt --image-root ILSVRC2013_DET_val --out val.store
+    python tools/precompute_proposals.py val.txt --out part0.store --shard 0/4     # machine 0 of 4
+    torchrun --nproc-per-node 8 tools/precompute_proposals.py val.txt --out shared.store   # RANK/WORLD_SIZE
+    python tools/precompute_proposals.py --merge part0.store part1.store ... --out val.store
+    python tools/precompute_proposals.py --verify val.store        # check every part's checksums
+
+The store is a folder; reruns skip finished images, so a killed run is resumed by running the same
+command again (it also removes what a killed run left and sets damaged parts aside, as
+``<part>.damaged``, redoing their images). Images that cannot be read are recorded with their reason and listed at the end; the
+exit code is 0 unless --strict is given and some failed (then 1). Read the store with
+``proposals.ProposalStore(path)[image_name] -> (boxes, scores or None)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from detector.base.cli import run_tool
+from detector.base.defaults import PROPOSAL_METHODS as METHODS
+from detector.base.errors import UserError
+from detector.base.files import atomic_open
+from detector.base.jobs import Shard
+from detector.base.threads import add_threads_argument, configure_threads
+
+
+def parse_value(text: str):
+    """``--option`` values: JSON scalars (``2``, ``0.5``, ``null``, ``true``) or a plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a folder of images or a list file (one image name or path per line); with --merge: stores")
+    p.add_argument("--out", help="the store folder to write (required except with --verify)")
+    p.add_argument("--image-root", help="folder the list's names are relative to (default: the list's folder)")
+    p.add_argument("--method", default="ss-fast", help=f"proposal method: {', '.join(METHODS)} (default ss-fast)")
+    p.add_argument("--max-side", type=int, default=None, help="Selective Search working size (default 500)")
+    p.add_argument("--superpixel-scale", type=float, default=None, help="multiply every k (GoogLeNet: 2)")
+    p.add_argument("--max-boxes", type=int, default=None, help="keep at most N boxes per image (default 2000)")
+    p.add_argument("--min-size", type=int, default=None, help="drop boxes smaller than this (working pixels)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the method, repeatable (e.g. --option seed=3)")
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    add_threads_argument(p)  # the MultiBox network of methods multibox and googlenet, per worker
+    p.add_argument("--shard", help="K/N: do shard K of N (default: RANK/WORLD_SIZE from torchrun, else all)")
+    p.add_argument("--chunk-size", type=int, default=64, help="images per atomic write (default 64)")
+    p.add_argument("--retry-failed", action="store_true", help="try again the images recorded as failed")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    p.add_argument("--merge", action="store_true", help="merge the INPUT stores into --out and stop")
+    p.add_argument("--verify", action="store_true",
+                   help="check every part of the INPUT stores (checksums of every image) and stop; exit 2 if damaged")
+    p.add_argument("--json", help="write the run's report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def method_options(args) -> tuple[tuple[str, object], ...]:
+    options = {}
+    for flag, key in (("max_side", "max_side"), ("superpixel_scale", "superpixel_scale"),
+                      ("max_boxes", "max_boxes"), ("min_size", "min_size")):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option seed=3")
+        options[key.replace("-", "_")] = parse_value(value)
+    return tuple(sorted(options.items()))
+
+
+def verify_stores(paths) -> int:
+    """``--verify``: one line per store, one per damaged part; a damaged part is a one-line error."""
+    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.store import REPAIR, verify
+
+    damaged = {}
+    for path in paths:
+        report = verify(path)
+        print(f"{path}: {report.parts} parts, {report.images} images checked, {len(report.damaged)} damaged"
+              + (f", {len(report.unchecked)} of the first format (no checksums: layout checked only)"
+                 if report.unchecked else ""))
+        for part, reason in report.damaged.items():
+            print(f"damaged: {part}: {reason}")
+        damaged.update(report.damaged)
+    if damaged:
+        raise UserError(f"{len(damaged)} damaged proposal store parts (first: {next(iter(damaged))}); {REPAIR}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_threads(args.threads, processes=args.workers)  # before torch is imported
+    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.precompute import PrecomputeConfig, list_images, precompute
+    from proposals.store import ProposalStore, merge
+
+    if args.verify:
+        return verify_stores(args.inputs)
+    if args.out is None:
+        raise UserError("--out is required: the store folder to write")
+    if args.merge:
+        target = merge(args.inputs, args.out)
+        if target is None:
+            raise UserError(f"nothing to merge in {', '.join(args.inputs)}; pass store folders or .pstore files")
+        store = ProposalStore(args.out)
+        print(f"merged {len(args.inputs)} stores into {target}: {len(store)} images, {len(store.failures)} failed")
+        return 0
+    if args.method not in METHODS:
+        raise UserError(f"--method {args.method}: unknown; use one of {', '.join(METHODS)}")
+    if len(args.inputs) != 1:
+        raise UserError("pass one INPUT (a folder or a list file), or --merge with several stores")
+    if args.workers < 1 or args.chunk_size < 1:
+        raise UserError("--workers and --chunk-size must be at least 1")
+    entries = list_images(args.inputs[0], args.image_root)
+    config = PrecomputeConfig(method=args.method, options=method_options(args), workers=args.workers,
+                              shard=Shard.parse(args.shard), chunk_size=args.chunk_size,
+                              retry_failed=args.retry_failed)
+    report = precompute(entries, args.out, config, progress=not args.no_progress)
+    for note in report.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"{report.summary()}; store {args.out} {'complete' if report.complete else 'incomplete'}")
+    for name, reason in report.failures.items():
+        print(f"failed: {name}: {reason}")
+    if report.failures and not args.retry_failed:
+        print(f"{len(report.failures)} images failed; rerun with --retry-failed to try them again")
+    if args.json:
+        with atomic_open(args.json) as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 1 if args.strict and report.failures else 0
+
+
+def cli() -> int:
+    """The console script ``gdet-precompute`` (and ``python tools/precompute_proposals.py``): one-line errors, an exit code."""
+    return run_tool(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

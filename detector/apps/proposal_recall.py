@@ -1,0 +1,120 @@
+"""Measure proposals against ground truth: recall at IoU 0.5 and 0.7, MABO, boxes and seconds per image.
+
+    python tools/proposal_recall.py --coco ../shared/data/coco128/annotations/instances.json \
+        --image-root ../shared/data/coco128/images --method ss-fast --method ss-fast:opencv --plot recall.png
+    python tools/proposal_recall.py --voc ../shared/data/bccd --split test --method ss-single
+    python tools/proposal_recall.py --ilsvrc val2.txt --annotations Annotations/ --image-root val/ --store val.store
+
+--method METHOD[:BACKEND] runs a method now (backend: native, opencv, selectivesearch for the ss-*
+methods); --store PATH reads a precomputed store (looked up by the record's file name). Several of
+each are compared side by side in one table. COCO crowd and VOC difficult boxes are left out of the
+ground truth. Options such as --max-side apply to every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detector.base.cli import run_tool
+from detector.base.defaults import PROPOSAL_METHODS as METHODS
+from detector.base.errors import UserError
+from detector.base.files import atomic_open
+from detector.base.threads import add_threads_argument, configure_threads
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--coco", metavar="JSON", help="COCO instances JSON")
+    data.add_argument("--voc", metavar="ROOT", help="PASCAL VOC-style root (Annotations/, ImageSets/, JPEGImages/)")
+    data.add_argument("--ilsvrc", metavar="LIST", help="ILSVRC DET image list (e.g. val.txt)")
+    p.add_argument("--annotations", help="ILSVRC: folder of the XML annotations")
+    p.add_argument("--image-root", help="folder of the images (COCO default: the JSON's folder)")
+    p.add_argument("--split", default="test", help="VOC split (default test)")
+    p.add_argument("--method", action="append", default=[], metavar="METHOD[:BACKEND]",
+                   help=f"a method to run ({', '.join(METHODS)}), repeatable")
+    p.add_argument("--store", action="append", default=[], metavar="PATH", help="a precomputed store, repeatable")
+    p.add_argument("--max-images", type=int, help="only the first N images")
+    p.add_argument("--max-side", type=int, help="Selective Search working size (default 500)")
+    p.add_argument("--superpixel-scale", type=float, help="multiply every k (GoogLeNet: 2)")
+    p.add_argument("--max-boxes", type=int, help="at most N boxes per image (native default 2000)")
+    p.add_argument("--json", metavar="OUT", help="write all figures (with recall curves) as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw recall against the number of proposals")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)  # the MultiBox network of methods multibox and googlenet
+    return p.parse_args(argv)
+
+
+def load_dataset(args):
+    from detector.data import read_coco, read_ilsvrc_det, read_voc
+
+    if args.coco:
+        return read_coco(args.coco, args.image_root)
+    if args.voc:
+        return read_voc(args.voc, args.split)
+    if not args.annotations:
+        raise UserError("--ilsvrc needs --annotations (the folder of XML files)")
+    return read_ilsvrc_det(args.ilsvrc, args.annotations, image_root=args.image_root)
+
+
+def method_specs(args) -> list:
+    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.recall import MethodSpec
+
+    common = {k: v for k, v in (("max_side", args.max_side), ("superpixel_scale", args.superpixel_scale),
+                                ("max_boxes", args.max_boxes)) if v is not None}
+    specs = []
+    for text in args.method:
+        method, _, backend = text.partition(":")
+        if method not in METHODS:
+            raise UserError(f"--method {text}: unknown method; use one of {', '.join(METHODS)}")
+        options = dict(common)
+        if backend:
+            options["backend"] = backend
+        specs.append(MethodSpec(text, method, tuple(sorted(options.items()))))
+    for path in args.store:
+        if not Path(path).exists():
+            raise UserError(f"--store {path}: no such store; check the path")
+        specs.append(MethodSpec(f"store:{Path(path).name}", store=path))
+    if not specs:
+        raise UserError("nothing to measure: pass --method and/or --store")
+    if len({s.label for s in specs}) != len(specs):
+        raise UserError("a method or store is given twice")
+    return specs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_threads(args.threads)  # before torch is imported
+    specs = method_specs(args)
+    from proposals.recall import evaluate, format_table, plot_recall  # after parsing, as above
+
+    dataset = load_dataset(args)
+    if len(dataset) == 0:
+        raise UserError("the dataset has no images")
+    results = evaluate(dataset, specs, args.max_images, progress=not args.no_progress)
+    n = next(iter(results.values()))["num_images"]
+    print(f"{dataset.name or 'dataset'}: {n} images, {next(iter(results.values()))['num_gt']} ground-truth boxes")
+    print(format_table(results))
+    for label, r in results.items():
+        if r["missing"]:
+            print(f"warning: {label}: {r['missing']} images not in the store (counted as no proposals)")
+    if args.json:
+        with atomic_open(args.json) as f:
+            json.dump({"dataset": dataset.name, "results": results}, f, indent=1)
+    if args.plot:
+        plot_recall(results, args.plot, title=f"{dataset.name}, {n} images")
+    return 0
+
+
+def cli() -> int:
+    """The console script ``gdet-recall`` (and ``python tools/proposal_recall.py``): one-line errors, an exit code."""
+    return run_tool(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
