@@ -82,8 +82,8 @@ def bench_size(image, boxes, size: int, precision: str, args, folder: Path) -> d
     model = det.models[0]
     crops = warp_regions(image, boxes, size, default_context(size)).contiguous(memory_format=torch.channels_last)
 
-    def bare_forward():
-        with torch.inference_mode(), det._autocast():
+    def bare_forward():  # the network as the engine runs it: its prepared model, bf16 autocast when bf16
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=det.dtype == torch.bfloat16):
             for start in range(0, len(crops), args.batch_size):
                 model(crops[start:start + args.batch_size])
 

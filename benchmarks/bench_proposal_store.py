@@ -111,7 +111,7 @@ def scaling_figures(image_folder: str, num_images: int, folder: Path) -> dict:
         cpu = _cpu_seconds() - before
         # cores_used = CPU seconds / wall seconds: about 1 and 2 on an idle machine; less when other
         # processes share the cores, and then the speedup is bounded by what the scheduler gave.
-        out[workers] = {"images": report.done, "seconds": report.seconds, "images_per_second": report.images_per_second,
+        out[workers] = {"images": report.done, "seconds": report.seconds, "images_per_second": report.items_per_second,
                         "cpu_seconds": cpu, "cores_used": cpu / report.seconds}
     out["ceiling_after"] = ceiling()
     out["speedup"] = out[2]["images_per_second"] / out[1]["images_per_second"]

@@ -113,7 +113,9 @@ class Detector:
     batch_size: crops per forward pass, filled across images (default 64 on the CPU, 1024 on CUDA).
     workers: processes computing proposals ahead of the network when many images need them (``None``: the
         usable cores but one; 0: in this process).
-    compile: run each network through ``torch.compile`` (the first batches of each shape compile).
+    compile: run each network through ``torch.compile``: ``True`` (its default backend, inductor) or a
+        backend's name (``"eager"`` traces without generating code: quick, for tests). The first batch of
+        each shape compiles.
     """
 
     def __init__(self, models: Sequence[RegionClassifier], vocabulary: Vocabulary,
@@ -121,7 +123,7 @@ class Detector:
                  postprocess_config: PostprocessConfig = PostprocessConfig(),
                  box_coder: BoxCoder | None = None, device: str | torch.device | None = "auto",
                  precision: str = "auto", batch_size: int | None = None, workers: int | None = None,
-                 compile: bool = False):
+                 compile: bool | str = False):
         if not models:
             raise ValueError("a detector needs at least one model")
         self.device = resolve_device(device)
@@ -133,14 +135,16 @@ class Detector:
         if workers is not None and workers < 0:
             raise UserError(f"workers must be >= 0, got {workers}")
         weights = self.dtype if self.device.type == "cuda" else torch.float32
-        self.models = [prepare_for_inference(m, self.device, dtype=weights, compile=compile) for m in models]
+        backend = compile if isinstance(compile, str) else "inductor"
+        self.models = [prepare_for_inference(m, self.device, dtype=weights, compile=bool(compile),
+                                             compile_backend=backend) for m in models]
         self.vocabulary = vocabulary
         self.proposals = proposals
         self.postprocess_config = postprocess_config
         self.box_coder = box_coder or BoxCoder()
         self.batch_size = batch_size
         self.workers = workers
-        self.compiled = compile
+        self.compiled = bool(compile)
         self.sync_timings = False  # wait for the GPU at each stage boundary (exact stage times, slower)
         self._names = np.array(("background",) + vocabulary.names, dtype=object)
         self._ids = np.array((0,) + vocabulary.ids, dtype=np.int64)
@@ -148,7 +152,7 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                         device: str | torch.device | None = "auto", precision: str = "auto",
-                        batch_size: int | None = None, workers: int | None = None, compile: bool = False,
+                        batch_size: int | None = None, workers: int | None = None, compile: bool | str = False,
                         proposals: object | None = None, proposal_options: dict | None = None,
                         max_proposals: int | None = None, score_threshold: float | None = None,
                         nms_iou: float | None = None, max_detections: int | None = None) -> Detector:
@@ -241,8 +245,8 @@ class Detector:
         return job.key, self._detections(job)
 
     def _with_proposals(self, items: Iterable[tuple]) -> Iterator[tuple[np.ndarray | None, _Image]]:
-        """``(image, job with its proposals on the device or an error)`` per item, in order; proposals to
-        compute come from a process pool when there are several images (see :func:`proposal_stream`)."""
+        """``(image, job with its proposals (clipped, limited, on the CPU) or an error)`` per item, in order;
+        proposals to compute come from a process pool when there are several images (:func:`proposal_stream`)."""
         items = iter(items)
         head = list(islice(items, 2))
         # a pool pays off for several images whose proposals must be computed (judged by the first two)
@@ -268,7 +272,8 @@ class Detector:
                 try:
                     if given is None and outcome is not None:
                         if not outcome.ok:
-                            raise UserError(f"proposals for '{name or job.key}': {outcome.error}")
+                            which = f"'{name}'" if name is not None else f"image {job.key}"
+                            raise UserError(f"proposals for {which}: {outcome.error}")
                         given, job.timings["proposals"] = outcome.value, outcome.seconds
                     elif given is None:
                         start = time.perf_counter()

@@ -17,9 +17,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from detector.base.defaults import SS_BACKENDS
 from proposals.working_image import as_rgb, resize_to, working_size
 
-BACKENDS = ("native", "opencv", "selectivesearch")
+BACKENDS = SS_BACKENDS
 
 
 def _xywh_to_input(xywh: np.ndarray, working: tuple[int, int], image_size: tuple[int, int],

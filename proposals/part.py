@@ -127,7 +127,7 @@ def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, 
     counts = np.asarray(counts, np.int64).reshape(-1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
-    names_blob = ("\n".join(names)).encode("utf-8")
+    names_blob = ("\n".join(names)).encode("utf-8", "surrogateescape")  # a file named with non-UTF-8 bytes too
     sizes = np.ascontiguousarray(sizes, np.int32).reshape(-1, 2)
     crcs = np.zeros(len(names), np.uint32)  # filled while the boxes and scores stream by
     arrays = {
@@ -287,10 +287,9 @@ class Part:
         if self.version == 2 and _digest16(blob, self.sizes.tobytes(), self.offsets.tobytes()).hex() != \
                 header.get("index"):
             raise self._damaged("index checksum mismatch (names, sizes or offsets)")
-        try:
-            self.names = blob.decode("utf-8").split("\n") if blob else []
-        except UnicodeDecodeError:
-            raise self._damaged("the names are not UTF-8") from None
+        # names as written: UTF-8, and file names of other bytes as os.fsdecode gives them (the index checksum
+        # above vouches for the bytes)
+        self.names = blob.decode("utf-8", "surrogateescape").split("\n") if blob else []
         num_images, num_boxes = len(self.sizes), len(arrays["boxes"])
         if (len(self.names) != num_images or len(set(self.names)) != num_images or "" in self.names
                 or set(self.names) & set(self.failures)):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.base.errors import UserError
+from detector.base.files import text_lines
 from detector.base.io import load_image
 from detector.base.jobs import (
     PROCESSES,
@@ -107,16 +108,15 @@ def list_file(list_path: str | os.PathLike, image_root: str | os.PathLike | None
     list_path = Path(list_path)
     root = Path(image_root) if image_root is not None else list_path.parent
     entries, seen = [], set()
-    with open(list_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            name = fields[0]
-            if name in seen:
-                raise UserError(f"{list_path}:{lineno}: image {name} is listed twice; remove the duplicate")
-            seen.add(name)
-            entries.append(ImageEntry(name, str(root / name)))
+    for lineno, line in text_lines(list_path, "image list"):  # not UTF-8, or binary: one line naming the line
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        name = fields[0]
+        if name in seen:
+            raise UserError(f"{list_path}:{lineno}: image {name} is listed twice; remove the duplicate")
+        seen.add(name)
+        entries.append(ImageEntry(name, str(root / name)))
     return entries
 
 

@@ -22,7 +22,7 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     names = {(r["group"], r["name"]) for r in rows}
     assert {g for g, _ in names} == {"network", "classifier", "engine", "train"}
-    assert len(rows) == 10 and all(r["per_second"] > 0 for r in rows), rows
+    assert len(rows) == 11 and all(r["per_second"] > 0 for r in rows), rows
     engine = [r for r in rows if r["group"] == "engine"]
-    assert all(r["images_per_second"] > 0 for r in engine) and len(engine) == 3
-    assert "engine (today) / best bare network" in done.stdout
+    assert all(r["images_per_second"] > 0 for r in engine) and len(engine) == 4
+    assert "best engine (precomputed proposals) / best bare network" in done.stdout

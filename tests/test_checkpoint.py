@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from detector.base.checkpoint import (
+    DEFAULT_MODEL,
+    ModelInfo,
     checkpoint_paths,
     load_checkpoint,
     make_checkpoint_config,
+    model_info,
     save_checkpoint,
 )
 from detector.base.errors import UserError
@@ -113,3 +116,30 @@ def test_unserializable_config_writes_nothing(tmp_path):
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path / "x", {"w": torch.zeros(2)}, {"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_info_reads_the_json_alone(saved, tmp_path):
+    path, _, meta = saved
+    assert model_info(path) == ModelInfo(name=None, description="", class_names=("cat", "dog", "fox"))
+    assert model_info(path).summary() == "3 classes (cat, dog, fox)"
+    named = tmp_path / "named"
+    checkpoint_paths(named)[1].write_text(json.dumps(meta | {"name": "pets", "description": "Cats, dogs."}))
+    info = model_info(named)  # no weights needed: only the JSON is read
+    assert (info.name, info.description, info.summary(), info.short()) == (
+        "pets", "Cats, dogs.", "pets, 3 classes (cat, dog, fox)", "pets")
+    checkpoint_paths(named)[1].write_text(json.dumps(meta | {"classes": {"ids": [1]}}))
+    with pytest.raises(UserError, match="no list of names"):
+        model_info(named)
+
+
+def test_the_default_model_says_what_it_detects():
+    info = model_info(DEFAULT_MODEL)
+    assert info.name == "chess pieces" and "chess" in info.description and len(info.class_names) == 13
+
+
+def test_classes_text_lists_what_fits_then_how_many_more():
+    names = tuple(f"class{i:03d}" for i in range(200))  # 8 characters each, 10 with the separator
+    text = ModelInfo(None, "", names).classes_text(max_chars=50)
+    # five names take 5 * 8 + 4 * 2 = 48 characters; a sixth would make 58 > 50
+    assert text == "200 classes (class000, class001, class002, class003, class004, ... 195 more)"
+    assert ModelInfo(None, "", ("one",)).classes_text() == "1 class (one)"

@@ -1,4 +1,5 @@
-"""detector/batch.py and detector/dataset_runner.py: batches shared across images, shards, chunks, resume,
+"""The engine's batches across images (Detector.detect_batch, detect_stream) and detector/dataset_runner.py:
+shards, chunks, resume,
 unreadable images, the parts on disk. Real chess photos, small random checkpoints made here (never shipped)."""
 
 from __future__ import annotations
@@ -14,23 +15,22 @@ from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
 from detector.base.errors import UserError
 from detector.base.io import load_image
 from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary
-from detector.batch import BatchedDetector, detect_images
 from detector.classifier import ClassifierConfig, RegionClassifier
 from detector.data import read_coco
 from detector.data.records import Dataset, ImageRecord
+from detector.base.jobs import Shard
 from detector.dataset_runner import (
     RunConfig,
     chunk_path,
     claim_parts_folder,
     collect_parts,
-    label_map,
     read_chunk,
     run_detection,
     run_settings,
     wait_for_parts,
     write_chunk,
 )
-from detector.pipeline import Detections, Detector
+from detector.pipeline import Detections, Detector, label_map
 from detector.postprocess import PostprocessConfig
 
 RECORDS = (1, 3, 4, 10)  # chess/test photos with 1, 1, 7 and 1 pieces
@@ -81,7 +81,7 @@ def test_batches_across_images_give_the_per_image_detections(scene):
     detector = make_detector(models, proposals)  # an ensemble of two input sizes, batches of 16
     images = [load_image(dataset.image_path(r)) for r in dataset.records]
     boxes = [proposals[r.file_name] for r in dataset.records]
-    batched = detect_images(detector, images, boxes)
+    batched = detector.detect_batch(images, boxes)
     for image, b, got in zip(images, boxes, batched):
         expected = detector(image, proposals=b)
         assert len(got) == len(expected) == min(50, 13 * len(b))
@@ -90,20 +90,18 @@ def test_batches_across_images_give_the_per_image_detections(scene):
         np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)
 
 
-def test_batched_detector_keeps_batches_full_and_order(scene):
+def test_the_stream_keeps_batches_full_and_order(scene):
     dataset, proposals, models = scene
     detector = make_detector(models[:1], proposals)
-    batched = BatchedDetector(detector)
     sizes = []
     original = detector.models[0].forward
     detector.models[0].forward = lambda crops: (sizes.append(len(crops)), original(crops))[1]
-    finished = []
-    for i, rec in enumerate(dataset.records):
-        finished += [key for key, _ in batched.submit(i, load_image(dataset.image_path(rec)), image_name=rec.file_name)]
-    finished += [key for key, _ in batched.flush()]
-    assert finished == [0, 1, 2, 3]  # submission order
+    items = ((i, load_image(dataset.image_path(rec)), None, rec.file_name) for i, rec in enumerate(dataset.records))
+    finished = list(detector.detect_stream(items))
+    assert [key for key, _ in finished] == [0, 1, 2, 3]  # submission order
     assert sizes == [16] * 5 + [2]  # 30 + 0 + 45 + 7 = 82 crops: five full batches across images, one partial
-    assert set(batched.timings) == {"warp", "classify", "postprocess"}
+    for _, dets in finished:
+        assert set(dets.timings) == {"proposals", "warp", "classify", "postprocess", "total"}
 
 
 def test_labels_map_by_class_id_and_other_classes_are_refused():
@@ -151,7 +149,7 @@ def test_shards_resume_and_unreadable_images(scene, tmp_path):
     detector = make_detector(models[:1], proposals)
     settings = run_settings(models[:1], detector, data, chunk_size=2)
 
-    def run(out, shard=(0, 1), workers=0):
+    def run(out, shard=Shard(), workers=0):
         return run_detection(detector, data, claim_parts_folder(out, settings),
                              RunConfig(chunk_size=2, shard=shard, workers=workers), progress=False)
 
@@ -159,9 +157,9 @@ def test_shards_resume_and_unreadable_images(scene, tmp_path):
     assert (single.total, single.skipped, single.done, single.missing_chunks) == (6, 0, 6, [])
     assert set(single.failures) == {str(broken), str(tmp_path / "missing.jpg")}
     assert "no such file" in single.failures[str(tmp_path / "missing.jpg")]
-    second = run(tmp_path / "sharded", shard=(1, 2))  # chunk 1 of chunks 0, 1, 2
+    second = run(tmp_path / "sharded", shard=Shard(1, 2))  # chunk 1 of chunks 0, 1, 2
     assert (second.total, second.done, second.missing_chunks) == (2, 2, [0, 2])
-    first = run(tmp_path / "sharded", shard=(0, 2))
+    first = run(tmp_path / "sharded", shard=Shard(0, 2))
     assert (first.total, first.done, first.missing_chunks) == (4, 4, [])
     again = run(tmp_path / "sharded")  # a rerun of a complete folder does nothing
     assert (again.total, again.skipped, again.done) == (6, 6, 0)
@@ -188,9 +186,9 @@ def test_a_parts_folder_refuses_other_settings(scene, tmp_path):
     detector = make_detector(models[:1], proposals)
     claim_parts_folder(tmp_path, run_settings(models[:1], detector, dataset, 2))
     claim_parts_folder(tmp_path, run_settings(models[:1], detector, dataset, 2))  # the same: fine
-    with pytest.raises(UserError, match=r"other settings \(chunk_size\)"):
+    with pytest.raises(UserError, match=r"other settings \(chunk_size 2 there, 3 now\)"):
         claim_parts_folder(tmp_path, run_settings(models[:1], detector, dataset, 3))
-    with pytest.raises(UserError, match=r"other settings \(models\)"):
+    with pytest.raises(UserError, match=r"other settings \(models"):
         claim_parts_folder(tmp_path, run_settings(models, detector, dataset, 2))
 
 

@@ -174,3 +174,161 @@ def test_real_proposal_store(tmp_path, chess_scene, checkpoints):
     np.testing.assert_allclose(found.numpy(), boxes[:6], atol=0.1)  # stored as 1/65535ths of the size
     with pytest.raises(UserError, match="recompute"):  # proposals made for another image size
         det.propose(image, image_name="small.jpg")
+
+
+# -- one engine: batches across images, shared pyramids, relabelling, proposals from a pool ------------------
+
+@pytest.fixture(scope="module")
+def two_photos(chess):
+    """Two chess photos with hand-made proposals (the pieces, jittered), and the vocabulary."""
+    dataset = read_coco(chess / "test" / "_annotations.coco.json")
+    rng = np.random.default_rng(1)
+    images, boxes = [], []
+    for record in dataset.records[3:5]:
+        images.append(load_image(dataset.image_path(record)))
+        gt = record.gt_boxes
+        jitter = gt + rng.uniform(-0.1, 0.1, gt.shape) * np.tile(gt[:, 2:] - gt[:, :2], 2)
+        boxes.append(np.concatenate([gt, jitter, gt * 0.9]).astype(np.float32))
+    return images, boxes, dataset.vocab
+
+
+def assert_same_detections(got, expected, atol=1e-3):
+    assert len(got) == len(expected)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.boxes, expected.boxes, atol=atol)
+    assert got.class_names == expected.class_names
+    np.testing.assert_array_equal(got.class_ids, expected.class_ids)
+
+
+def test_detect_batch_equals_one_call_per_image(two_photos, checkpoints):
+    images, boxes, _ = two_photos
+    # batches of 8 crops: the photos' crops share forward passes across the image boundary
+    det = Detector.from_checkpoint(checkpoints, device="cpu", precision="fp32", score_threshold=0.0, batch_size=8)
+    together = det.detect_batch(images, boxes)
+    for image, b, got in zip(images, boxes, together):
+        assert_same_detections(got, det(image, proposals=b))
+        assert got.image_size == image.shape[:2] and got.timings["classify"] > 0
+
+
+def test_an_ensemble_shares_one_pyramid_per_input_setting(two_photos, checkpoints, tmp_path, monkeypatch):
+    images, boxes, vocab = two_photos
+    built = []
+    original = pipeline.image_pyramid
+    monkeypatch.setattr(pipeline, "image_pyramid", lambda *a, **k: (built.append(a[2]), original(*a, **k))[1])
+    same = Detector.from_checkpoint(checkpoints, device="cpu", precision="fp32")  # two models, 64 px both
+    same.detect_batch(images, boxes)
+    assert built == [SIZE, SIZE]  # one pyramid per image, not one per model and image
+    built.clear()
+    other = make_checkpoint(tmp_path / "big", vocab, seed=7, input_size=80)
+    mixed = Detector.from_checkpoint([checkpoints[0], other, checkpoints[1]], device="cpu", precision="fp32")
+    mixed(images[0], proposals=boxes[0])
+    assert sorted(built) == [SIZE, 80]  # two input settings: two pyramids, the 64 px one shared by two models
+
+
+def test_relabelled_detections_keep_labels_names_and_ids_together(two_photos, checkpoints):
+    from detector.base.vocab import Vocabulary
+    from detector.pipeline import Detections
+
+    images, boxes, vocab = two_photos
+    det = Detector.from_checkpoint(checkpoints[0], device="cpu", score_threshold=0.0, max_detections=30)
+    found = det(images[0], proposals=boxes[0])
+    # the dataset lists the same classes (same ids, same names) in reverse order
+    order = list(reversed(range(vocab.num_classes)))
+    dataset_vocab = Vocabulary(ids=tuple(vocab.ids[i] for i in order), names=tuple(vocab.names[i] for i in order))
+    moved = found.relabel(pipeline.label_map(det.vocabulary, dataset_vocab), dataset_vocab)
+    assert len(moved) == len(found) > 0
+    np.testing.assert_array_equal(moved.labels, vocab.num_classes + 1 - found.labels)  # reversed order
+    np.testing.assert_array_equal(moved.class_ids, found.class_ids)  # the same classes
+    assert moved.class_names == found.class_names
+    for label, name, cid in zip(moved.labels, moved.class_names, moved.class_ids):
+        assert dataset_vocab.names[label - 1] == name and dataset_vocab.ids[label - 1] == cid
+    # ImageNet-style vocabularies match by wnid; the dataset's names replace the model's
+    model = Vocabulary(ids=(7, 3), names=("tv", "car"), wnids=("n04404412", "n02958343"))
+    data = Vocabulary(ids=(3, 5, 7), names=("automobile", "dog", "tvmonitor"), wnids=("n02958343", "n1", "n04404412"))
+    dets = Detections(boxes=np.zeros((3, 4), np.float32), scores=np.array([0.9, 0.8, 0.7], np.float32),
+                      labels=np.array([2, 1, 2]), class_names=("car", "tv", "car"), class_ids=np.array([3, 7, 3]),
+                      image_size=(10, 10))
+    moved = dets.relabel(pipeline.label_map(model, data), data)
+    np.testing.assert_array_equal(moved.labels, [1, 3, 1])
+    assert moved.class_names == ("automobile", "tvmonitor", "automobile")
+    np.testing.assert_array_equal(moved.class_ids, [3, 7, 3])
+    with pytest.raises(UserError, match="class id 7 is 'n04404412' for the model but 'n1'"):
+        pipeline.label_map(model, Vocabulary(ids=(3, 7), names=("a", "b"), wnids=("n02958343", "n1")))
+
+
+def test_proposals_from_the_process_pool_equal_those_computed_here(two_photos, checkpoints):
+    from detector.proposal_source import proposal_stream
+
+    images, _, _ = two_photos
+    kwargs = {"device": "cpu", "precision": "fp32", "score_threshold": 0.0, "max_proposals": 30,
+              "proposal_options": {"max_side": 160}}  # fast selective search on a 160-pixel copy
+    here = Detector.from_checkpoint(checkpoints[0], workers=0, **kwargs).detect_batch(images)
+    pooled_detector = Detector.from_checkpoint(checkpoints[0], workers=1, **kwargs)
+    pooled = pooled_detector.detect_batch(images)  # two images to compute: a spawned process computes them
+    for got, expected in zip(pooled, here):
+        assert_same_detections(got, expected, atol=0)
+        assert got.timings["proposals"] > 0
+    outcomes = list(proposal_stream([images[0], None], pooled_detector.proposals, workers=1))
+    np.testing.assert_array_equal(outcomes[0].value, pooled_detector.source_proposals(images[0]))
+    assert outcomes[1].ok and outcomes[1].value is None  # None: nothing to compute
+
+
+def test_the_stream_reports_bad_images_in_order_and_goes_on(two_photos, checkpoints, tmp_path):
+    images, boxes, _ = two_photos
+    store = {"a.jpg": boxes[0], "c.jpg": boxes[1]}  # no proposals for b.jpg
+    det = Detector.from_checkpoint(checkpoints[0], device="cpu", proposals=store, batch_size=4)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    items = [(0, images[0], None, "a.jpg"), (1, images[1], None, "b.jpg"), (2, tmp_path / "broken.jpg", None, "x"),
+             (3, images[1], None, "c.jpg")]
+    out = list(det.detect_stream(items, errors="return"))
+    assert [key for key, _ in out] == [0, 1, 2, 3]
+    assert isinstance(out[1][1], UserError) and "no proposals for 'b.jpg'" in str(out[1][1])
+    assert isinstance(out[2][1], UserError)
+    assert_same_detections(out[3][1], det(images[1], proposals=boxes[1]))
+    with pytest.raises(UserError, match="b.jpg"):
+        list(det.detect_stream(items))
+
+
+def test_one_store_lookup_name_basename_stem_then_id(chess_scene, checkpoints):
+    from detector.proposal_source import ProposalSettings, source_proposals
+
+    image, boxes, _ = chess_scene
+    store = {"board": boxes[:3], "17": boxes[:4]}
+    settings = ProposalSettings(source=store)
+    assert len(source_proposals(image, settings, "photos/board.jpg", image_id=17)) == 3  # the stem first
+    assert len(source_proposals(image, settings, "photos/other.jpg", image_id=17)) == 4  # then the image id
+    with pytest.raises(UserError, match="no proposals for 'x.jpg'"):
+        source_proposals(image, settings, "x.jpg", image_id=18)
+
+
+def test_compile_is_accepted_on_the_cpu(checkpoints):
+    det = Detector.from_checkpoint(checkpoints[0], device="cpu", compile=True)  # compiles on the first batch
+    assert det.compiled and all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in det.models)
+    assert det.models[0].config.input_size == SIZE  # the wrapper forwards the classifier's attributes
+
+
+@pytest.mark.slow  # 25-40 s on 2 shared cores: dynamo traces GoogLeNet
+def test_compiled_network_gives_the_same_detections(chess_scene, checkpoints):
+    image, boxes, _ = chess_scene
+    kwargs = {"device": "cpu", "precision": "fp32", "score_threshold": 0.0, "batch_size": 16}
+    plain = Detector.from_checkpoint(checkpoints[0], **kwargs)
+    compiled = Detector.from_checkpoint(checkpoints[0], compile="eager", **kwargs)  # traced, no code generated
+    # 2 x 7 = 14 proposals: a partial batch, padded to 16 so that one shape compiles
+    assert_same_detections(compiled(image, proposals=boxes), plain(image, proposals=boxes))
+
+
+def test_wrong_names_and_counts_are_one_line_errors(checkpoints):
+    from detector.device import resolve_device, resolve_precision
+
+    cases = [(lambda: resolve_precision("half", torch.device("cpu")), "unknown precision 'half'; use one of auto"),
+             (lambda: resolve_device("tpu"), "unknown device 'tpu'"),
+             (lambda: Detector.from_checkpoint(checkpoints[0], device="cpu", max_proposals=0), "max proposals must be >= 1"),
+             (lambda: Detector.from_checkpoint(checkpoints[0], device="cpu", batch_size=0), "batch size must be >= 1"),
+             (lambda: Detector.from_checkpoint(checkpoints[0], device="cpu", workers=-1), "workers must be >= 0")]
+    if not torch.cuda.is_available():
+        cases.append((lambda: resolve_device("cuda"), "CUDA is not available here"))
+    for make, message in cases:
+        with pytest.raises(UserError) as err:
+            make()
+        assert message in str(err.value) and "\n" not in str(err.value)

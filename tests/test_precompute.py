@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,6 +95,28 @@ def test_tool_exit_codes_and_strict(images, tmp_path, capsys):
     # Rerun: nothing to do, the failures are listed again; --strict turns them into exit 1.
     assert tool_main([str(images), "--out", out, "--max-side", "96", "--no-progress", "--strict"]) == 1
     assert "12 already done" in capsys.readouterr().out
+
+
+def test_failures_are_retried_with_retry_failed(images, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = sorted((images / "a").glob("*.jpg"))[:2]
+    for src in good:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "late.jpg").write_bytes(good[0].read_bytes()[:100])  # still being copied: truncated
+    argv = [str(folder), "--out", str(tmp_path / "s"), "--max-side", "96", "--no-progress"]
+    assert tool_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "failed: late.jpg" in out and "rerun with --retry-failed" in out
+    (folder / "late.jpg").write_bytes(good[0].read_bytes())  # the copy has finished
+    assert tool_main(argv) == 0 and "failed: late.jpg" in capsys.readouterr().out  # recorded: not tried again
+    assert tool_main([*argv, "--retry-failed", "--json", str(tmp_path / "r.json")]) == 0
+    assert "1 processed" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["skipped"], report["done"], report["failed"], report["complete"]) == (2, 1, 0, True)
+    store = ProposalStore(tmp_path / "s")
+    assert "late.jpg" in store and not store.failures
+    np.testing.assert_array_equal(store["late.jpg"][0], store[good[0].name][0])  # the same photo
 
 
 def test_shards_merged_equal_one_run(images, tmp_path):
@@ -272,7 +295,7 @@ def test_runs_with_other_settings_never_share_a_store(images, tmp_path):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for side in ("96", "64")}
     results = {side: (p.wait(), p.stderr.read()) for side, p in procs.items()}
-    assert sorted(rc for rc, _ in results.values()) == [0, 2]
+    assert sorted(rc for rc, _ in results.values()) == [0, 2], results
     winner = next(side for side, (rc, _) in results.items() if rc == 0)
     loser_err = next(err for rc, err in results.values() if rc == 2)
     assert loser_err.count("\n") == 1 and "use another --out" in loser_err

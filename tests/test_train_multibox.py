@@ -1,4 +1,5 @@
-"""Training MultiBox end to end on real chess photos, its batches, and tools/train_multibox.py."""
+"""Training MultiBox end to end on real chess photos, its batches, and gdet-train-multibox / gdet-priors
+(detector/apps/train_multibox.py, make_priors.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from detector.apps import make_priors
 from detector.data import read_coco
 from detector.training.engine import EngineConfig
 from detector.training.multibox import train_multibox
@@ -168,10 +170,7 @@ def test_make_priors_tool_is_deterministic(chess, tmp_path, k):
     annotations = _subset_json(chess, tmp_path, 4)
     outs = []
     for name in ("a.json", "b.json"):
-        done = subprocess.run([sys.executable, str(ROOT / "tools" / "make_priors.py"), "--annotations",
-                               str(annotations), "--k", str(k), "--out", str(tmp_path / name)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+        assert make_priors.main(["--annotations", str(annotations), "--k", str(k), "--out", str(tmp_path / name)]) == 0
         outs.append((tmp_path / name).read_text())
     assert outs[0] == outs[1]
     from proposals.priors import load_priors

@@ -52,7 +52,9 @@ def run(out_dir, iterations=12, crash_at=None, resume=None, resume_key=None, rep
         source=None, loss=loss_fn):
     torch.manual_seed(0)
     model = TinyNet()
+    # num_workers=0: the synthetic sources simulate a kill inside batch(), in this process
     config = EngineConfig(out_dir=str(out_dir), checkpoint_every=5, log_every=1, progress=False, seed=7,
+                          num_workers=0,
                           schedule=ScheduleConfig(base_lr=0.1, iterations=iterations, warmup_iters=3, kind="cosine"))
     train(model, source or SyntheticSource(crash_at), loss, config, model_config={"name": "tiny"},
           resume_key=resume_key or {"model": "tiny"}, resume=resume, report=report)

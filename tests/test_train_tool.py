@@ -1,4 +1,6 @@
-"""tools/train_detector.py end to end on a few real chess photos, and its answers to bad input."""
+"""gdet-train (detector/apps/train_detector.py) end to end on a few real chess photos, and its answers to bad
+input: in-process where only the answer matters, as a process (tools/train_detector.py) for real runs and
+for the exit code and stderr of a whole program."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from detector.apps import train_detector
+from detector.base.cli import run_tool as run_in_process
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOOL = PROJECT_ROOT / "tools" / "train_detector.py"
@@ -107,10 +112,10 @@ def test_missing_dataset_is_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_empty_split_is_refused(chess, tmp_path):
+def test_empty_split_is_refused(chess, tmp_path, capsys):
     train = subset_json(chess, "valid", 0, tmp_path / "empty")
-    result = run_tool("--train", train, "--out", tmp_path / "run")
-    assert result.returncode == 2 and "has no images" in result.stderr
+    assert run_in_process(train_detector.main, ["--train", str(train), "--out", str(tmp_path / "run")]) == 2
+    assert "has no images" in capsys.readouterr().err
 
 
 def test_validation_class_missing_from_the_vocabulary(chess, tmp_path):
@@ -129,10 +134,12 @@ def test_validation_class_missing_from_the_vocabulary(chess, tmp_path):
     ("--proposal-options", "[1, 2]", "--proposal-options"),
     ("--bg-iou-high", "0.7", "thresholds"),
 ])
-def test_bad_settings_are_one_line(chess, tmp_path, flag, value, message):
+def test_bad_settings_are_one_line(chess, tmp_path, flag, value, message, capsys):
     train = subset_json(chess, "valid", 1, tmp_path / "train")
-    result = run_tool("--train", train, "--out", tmp_path / "run", flag, value)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    argv = ["--train", str(train), "--out", str(tmp_path / "run"), flag, value]
+    assert run_in_process(train_detector.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
 
 
 def test_resume_compares_every_proposal_setting(tmp_path):

@@ -48,15 +48,31 @@ import sys
 import warnings
 from pathlib import Path
 
-from detector.base.cli import run_tool
+from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
+from detector.base.files import check_output_file, check_output_folder
+from detector.base.options import (
+    diagnose_top,
+    iou,
+    method_or_store,
+    non_negative_int,
+    positive_int,
+    probability,
+    shard,
+)
+from detector.base.pool import default_workers
 from detector.base.threads import add_threads_argument, configure_threads
 
 PROTOCOLS = ("ilsvrc", "voc", "coco")
+PLOT_FILES = ("pr_curves.png", "ap_per_class.png")  # what --plot DIR receives (detector.evaluation.report)
+DIAGNOSE_FILES = ("diagnose.json", "diagnose.png", "confusion.png")  # what --diagnose DIR receives
+# what model mode writes into --out: a result file (detector.evaluation.result_files), the evaluation, the plots
+MODEL_FILES = ("ilsvrc_submission.txt", "coco_results.json", "voc_detections.txt", "evaluation.json",
+               "per_class.txt", "run_summary.json", *PLOT_FILES)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (model mode: default --dataset)")
     p.add_argument("--predictions", type=Path,
                    help="detections file (ILSVRC submission lines, VOC lines, or a COCO results JSON)")
@@ -73,18 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("VOC")
     g.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default: test)")
     g.add_argument("--use-07-metric", action="store_true", help="VOC2007 11-point AP instead of all-point")
-    g.add_argument("--iou", type=float, default=0.5, help="IoU threshold, a match is IoU in [iou, 1] (default 0.5)")
+    g.add_argument("--iou", type=iou, default=0.5,
+                   help="IoU threshold in (0, 1], a match is IoU in [iou, 1] (default 0.5)")
     g = p.add_argument_group("COCO")
     g.add_argument("--image-root", type=Path, help="COCO images folder (only recorded, not read)")
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, help="write the result as JSON")
     g.add_argument("--plot", type=Path, help="write PR curves and the AP bar chart (PNG) into this folder")
-    g.add_argument("--rows", type=int, default=None, help="print at most this many table rows (default: all)")
+    g.add_argument("--rows", type=positive_int, default=None,
+                   help="print at most this many (>= 1) table rows (default: all)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--diagnose", type=Path, metavar="DIR",
                    help="false-positive analysis (Hoiem et al.) at IoU --iou and the class confusion matrix: print "
                         "the tables, write diagnose.json, diagnose.png and confusion.png into DIR")
-    g.add_argument("--diagnose-top", default="1", metavar="K|all",
+    g.add_argument("--diagnose-top", default="1", metavar="K|all", type=diagnose_top,
                    help="--diagnose analyses the K x N_j most confident detections of each class (N_j: its "
                         "objects; default 1, Hoiem's choice), or all of them")
     add_model_arguments(p)
@@ -99,19 +117,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", type=Path, help="image folder (ILSVRC: <name>.JPEG; default for VOC: ROOT/JPEGImages, "
                    "for COCO: the JSON's folder)")
     g.add_argument("--out", type=Path, help="output folder (results, evaluation, plots, resumable parts)")
-    g.add_argument("--proposals", metavar="METHOD|STORE",
+    g.add_argument("--proposals", metavar="METHOD|STORE", type=method_or_store,
                    help="proposal method (ss-fast, googlenet, ...) or a precomputed store (default: the checkpoint's)")
-    g.add_argument("--max-proposals", type=int, metavar="N", help="classify at most N proposals per image")
-    g.add_argument("--threshold", type=float,
-                   help="keep detections with score in [T, 1] (default: the checkpoint's, 0.05 unless set)")
+    g.add_argument("--max-proposals", type=positive_int, metavar="N",
+                   help="classify at most N >= 1 proposals per image (default: the checkpoint's)")
+    g.add_argument("--threshold", type=probability,
+                   help="keep detections with score in [T, 1], T in [0, 1] (default: the checkpoint's, 0.05 unless set)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available; torchrun: this rank's GPU), cpu, cuda:N")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="network precision")
-    g.add_argument("--batch-size", type=int, default=64, help="regions per forward pass, across images (default 64)")
-    g.add_argument("--workers", type=int, default=1,
-                   help="threads reading images and computing proposals (default 1; 0: in the main thread)")
-    g.add_argument("--chunk-size", type=int, default=32, help="images per atomic part file (default 32)")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="regions per forward pass, across images (default 64 on the CPU, 1024 on CUDA)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (pays off on a GPU; the first batches compile)")
+    g.add_argument("--workers", type=non_negative_int, default=None,
+                   help="reading images and their proposals ahead of the network: processes when proposals are "
+                        "computed, threads for a store (default: the usable cores but one; 0: in the main thread)")
+    g.add_argument("--chunk-size", type=positive_int, default=32, help="images per atomic part file, >= 1 (default 32)")
     add_threads_argument(g)
-    g.add_argument("--shard", help="K/N: detect shard K of N (default: RANK/WORLD_SIZE under torchrun, else all)")
+    g.add_argument("--shard", type=shard, help="K/N: detect shard K of N (default: RANK/WORLD_SIZE under torchrun, else all)")
 
 
 def load_ground_truth(args):
@@ -206,8 +229,7 @@ def diagnose_config(args):
     from detector.evaluation.diagnose import DiagnoseConfig
 
     try:
-        top = None if args.diagnose_top == "all" else float(args.diagnose_top)
-        return DiagnoseConfig(iou_threshold=args.iou, top=top)
+        return DiagnoseConfig(iou_threshold=args.iou, top=args.diagnose_top)  # None: all (checked by its type)
     except ValueError:
         raise UserError(f"--diagnose-top {args.diagnose_top}: expected a number > 0 or 'all'") from None
 
@@ -257,59 +279,58 @@ def model_paths(values: list[str]) -> list[Path]:
     return paths
 
 
-def detect_dataset(args):
-    """Model mode: detect this shard's images into ``--out/parts``; when every part is there, write the result
-    file. Returns ``(result file or None when other shards still have work, dataset, run summary)``."""
-    from detector.dataset_runner import (
-        RunConfig,
-        claim_parts_folder,
-        run_detection,
-        run_settings,
-        wait_for_parts,
-        write_results,
-    )
-    from detector.pipeline import load_detector
-    from detector.training.distributed import pick_device
-    from proposals.precompute import parse_shard
-
+def model_mode_args(args) -> argparse.Namespace:
+    """The settings of model mode, derived from the parsed flags (which stay as the user gave them): the
+    ground truth is read as ``--dataset``, evaluated with ``--protocol`` (default: the dataset's), COCO
+    images default to ``--images``, and the result file lands in ``--out``."""
     if args.out is None or args.dataset is None:
         raise UserError("--model needs --dataset and --out")
     if args.gt_format not in (None, args.dataset):
         raise UserError("--gt-format is for --predictions; with --model, --dataset says how the ground truth is laid out")
     if args.dataset == "ilsvrc" and args.images is None:
         raise UserError("--images is required for --dataset ilsvrc (the folder of <name>.JPEG)")
-    args.gt_format, args.protocol = args.dataset, args.protocol or args.dataset
-    if args.dataset == "coco" and args.images is not None:
-        args.image_root = args.images
-    config = RunConfig(chunk_size=args.chunk_size, shard=parse_shard(args.shard), workers=args.workers)
-    rank, world = config.shard
-    torchrun = args.shard is None and world > 1  # rank 0 waits for the others, merges and evaluates
-    device = pick_device("auto", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "auto" else args.device
-    paths = model_paths(args.model)
     if args.annotations is None and args.dataset != "ilsvrc":
         raise UserError(f"--annotations is required for --dataset {args.dataset}")
+    image_root = args.images if args.dataset == "coco" and args.images is not None else args.image_root
+    return argparse.Namespace(**{**vars(args), "gt_format": args.dataset, "protocol": args.protocol or args.dataset,
+                                 "image_root": image_root, "json": args.out / "evaluation.json", "plot": args.out})
+
+
+def detect_dataset(args):
+    """Model mode (``args`` from :func:`model_mode_args`): detect this shard's images into ``--out/parts``;
+    when every part is there and this shard is the one to merge (:meth:`detector.base.jobs.Shard.after_run`),
+    write the result file. Returns ``(result file or None when another shard merges, dataset, run summary)``."""
+    from detector.base.jobs import Shard, refuse_all_failed
+    from detector.dataset_runner import RunConfig, claim_parts_folder, detect_dataset_shard, run_settings
+    from detector.device import resolve_device
+    from detector.evaluation.result_files import write_result_file
+    from detector.pipeline import load_detector
+
+    shard = Shard.parse(args.shard)
+    config = RunConfig(chunk_size=args.chunk_size, shard=shard,
+                       workers=default_workers() if args.workers is None else args.workers)
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: this rank's GPU
+    paths = model_paths(args.model)
     dataset = load_ground_truth(args) if args.annotations is not None else listed_images(args)
     if args.images is not None and args.dataset != "coco":
         dataset.image_root = args.images
     detector = load_detector(paths, device=device, precision=args.precision, batch_size=args.batch_size,
                              proposals=open_proposals(args.proposals), max_proposals=args.max_proposals,
-                             score_threshold=args.threshold)
+                             score_threshold=args.threshold, compile=args.compile)
     parts = claim_parts_folder(args.out / "parts", run_settings(paths, detector, dataset, config.chunk_size))
-    run = run_detection(detector, dataset, parts, config, progress=not args.quiet)
-    print(f"shard {rank}/{world}: {run.total} images, {run.skipped} already done, {run.done} detected in "
-          f"{run.seconds:.1f} s ({run.images_per_second:.2f} images/s), {len(run.failures)} unreadable",
-          file=sys.stderr)
-    summary = {"shard": [rank, world], **run.to_dict(), "device": str(detector.device),
-               "precision": str(detector.dtype), "batch_size": args.batch_size, "workers": args.workers}
-    if run.missing_chunks:
-        if not (torchrun and rank == 0):
+    run, merged = detect_dataset_shard(detector, dataset, parts, config, progress=not args.quiet)
+    print(run.summary(verb="detected"), file=sys.stderr)
+    import torch  # loaded by the detector already; only its thread count is read here
+
+    summary = {**run.to_dict(), "device": str(detector.device), "precision": str(detector.dtype),
+               "batch_size": detector.batch_size, "workers": config.workers, "torch_threads": torch.get_num_threads()}
+    if merged is None:
+        if run.missing_chunks:
             print(f"{len(run.missing_chunks)} chunks of other shards are still missing; the last shard to finish "
                   "(or rerunning this command) merges and evaluates", file=sys.stderr)
-            return None, dataset, summary
-        wait_for_parts(parts, dataset, config.chunk_size, progress=not args.quiet)
-    elif torchrun and rank != 0:
         return None, dataset, summary
-    path, count, merged = write_results(parts, dataset, config.chunk_size, args.out, args.dataset)
+    refuse_all_failed(merged.failures, len(dataset))  # every image failed: nothing to evaluate (exit 1)
+    path, count = write_result_file(args.out, args.dataset, merged.detections, dataset)
     print(f"wrote {path} ({count} detections on {len(dataset)} images)")
     summary.update(dataset_images=len(dataset), detections=count, unreadable=len(merged.failures),
                    failures=merged.failures)
@@ -321,12 +342,11 @@ def detect_dataset(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not 0.0 < args.iou <= 1.0:
-        raise UserError(f"--iou {args.iou} is outside (0, 1]")
+    args = build_parser().parse_args(argv)  # every number checked by its type
     if (args.model is None) == (args.predictions is None):
         raise UserError("pass --predictions FILE (evaluate a file) or --model PATH (detect, then evaluate)"
                         + (", not both" if args.model else ""))
+    check_outputs(args)
     if args.model is not None:
         configure_threads(args.threads)  # before torch is imported
         return model_mode(args)
@@ -343,27 +363,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_outputs(args) -> None:
+    """Every output path before any work: a folder where a file goes, a file where a folder goes, or a
+    folder that cannot be written is one line now, not a traceback after the last image."""
+    if args.model is not None:
+        if args.out is not None:  # model mode writes its result, evaluation and plots there
+            check_output_folder(args.out, "--out", MODEL_FILES)
+    else:
+        if args.json:
+            check_output_file(args.json, "--json")
+        if args.plot:
+            check_output_folder(args.plot, "--plot", PLOT_FILES)
+    if args.diagnose:
+        check_output_folder(args.diagnose, "--diagnose", DIAGNOSE_FILES)
+
+
 def model_mode(args) -> int:
     from detector.base.files import atomic_write
 
+    run = model_mode_args(args)
     with show_warnings():
-        path, dataset, summary = detect_dataset(args)
+        path, dataset, summary = detect_dataset(run)
         if path is None:
             return 0
-        if args.annotations is None:  # a test list: the result file is the product
-            atomic_write(args.out / "run_summary.json", json.dumps(summary, indent=1))
+        if run.annotations is None:  # a test list: the result file is the product
+            atomic_write(run.out / "run_summary.json", json.dumps(summary, indent=1))
             print("no --annotations: detection only, nothing evaluated")
             return 0
-        args.predictions = path
-        detections = load_predictions(args, dataset)
-        result = evaluate(args, dataset, detections)
-    args.json, args.plot = args.out / "evaluation.json", args.out
-    report(args, result)
-    atomic_write(args.out / "per_class.txt", result.table() + "\n")
-    atomic_write(args.out / "run_summary.json", json.dumps(summary | {"mAP": result.mAP}, indent=1))
-    if args.diagnose:
+        run = argparse.Namespace(**{**vars(run), "predictions": path})
+        detections = load_predictions(run, dataset)
+        result = evaluate(run, dataset, detections)
+    report(run, result)
+    atomic_write(run.out / "per_class.txt", result.table() + "\n")
+    atomic_write(run.out / "run_summary.json", json.dumps(summary | {"mAP": result.mAP}, indent=1))
+    if run.diagnose:
         with show_warnings():
-            diagnose_report(args, dataset, detections)
+            diagnose_report(run, dataset, detections)
     return 0
 
 

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import detector.base.checkpoint as checkpoint
-from detector.base.cli import run_tool
+from detector.base.cli import ToolParser, run_tool
 from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
-from detector.base.files import create_temporary
+from detector.base.files import check_output_file, check_output_folder
+from detector.base.options import positive_int, probability
 from detector.base.threads import add_threads_argument, configure_threads
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ def default_model_line() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=f"{__doc__}\n{default_model_line()}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=f"{__doc__}\n{default_model_line()}",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files (JPEG, PNG, ...), folders of images, or quoted patterns")
     parser.add_argument("--model", action="append", metavar="PATH",
@@ -65,9 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write the detections as JSON Lines, one object per image, as it goes ('-': stdout)")
     parser.add_argument("--out", metavar="PATH",
                         help="draw the detections: an image file for one input, a folder for several")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--threshold", type=probability, default=0.5,
                         help="report detections with score in [T, 1] (default 0.5; 0.05 for evaluation)")
-    parser.add_argument("--max-proposals", type=int, metavar="N",
+    parser.add_argument("--max-proposals", type=positive_int, metavar="N",
                         help="classify at most N proposals per image (default: the checkpoint's)")
     parser.add_argument("--proposals", metavar="METHOD|STORE",
                         help="proposal method (ss-fast, ss-quality, ...) or a precomputed proposal store "
@@ -76,12 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the hardware has it natively, else fp32")
     add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.max_proposals is not None and args.max_proposals < 1:
-        parser.error(f"--max-proposals must be >= 1, got {args.max_proposals}")
-    return args
+    return parser.parse_args(argv)  # a bad number is one line naming the option (its type)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -158,25 +154,10 @@ def proposal_source(value: str | None):
                     "proposal store")
 
 
-def check_writable_folder(folder: Path, flag: str) -> None:
-    """Create ``folder`` if needed and write (then remove) a probe file in it: an unwritable output is one
-    line before any work, not an error after the last image."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = create_temporary(folder, ".gdet-detect-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"{flag}: cannot write in '{folder}' ({err.strerror or err}); give a writable path") from None
-
-
 def check_json_target(value: str | None) -> None:
-    if value is None or value == "-":
-        return
-    path = Path(value)
-    if path.is_dir():
-        raise UserError(f"--json '{value}' is a folder; give a file name (for example detections.jsonl)")
-    check_writable_folder(path.parent, f"--json '{value}'")
+    """``--json``: a file that can be written (checked before any work), or ``-`` (stdout)."""
+    if value is not None and value != "-":
+        check_output_file(value, "--json")
 
 
 def drawn_paths(images: list[str], out: str | None) -> list[Path | None]:
@@ -189,11 +170,11 @@ def drawn_paths(images: list[str], out: str | None) -> list[Path | None]:
         if out_path.suffix.lower() not in DRAWN_SUFFIXES:
             raise UserError(f"--out '{out}': for one image give an image file name ending in "
                             f"{', '.join(DRAWN_SUFFIXES)} (or an existing folder)")
-        check_writable_folder(out_path.parent, f"--out '{out}'")
+        check_output_file(out_path, "--out")
         return [out_path]
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"--out '{out}' is a file; with several images give a folder")
-    check_writable_folder(out_path, f"--out '{out}'")
+    check_output_folder(out_path, "--out")
     paths, taken = [], set()
     for image in images:
         src = Path(image)

@@ -11,33 +11,28 @@ rounding of the weights. Notes (e.g. measured results) are added to the config's
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from detector.base.cli import run_tool
-from detector.base.errors import UserError
+from detector.base.checkpoint import checkpoint_paths
+from detector.base.cli import ToolParser, run_tool
+from detector.base.files import check_output_file
+from detector.base.options import key_value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="checkpoint to export (NAME, NAME.safetensors or NAME.json)")
     parser.add_argument("target", help="where to write it (NAME: writes NAME.safetensors + NAME.json)")
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16)")
     parser.add_argument("--name", help='what the model detects, in a few words ("chess pieces"); '
                                        "default: the source's, if any")
     parser.add_argument("--description", help="a sentence or two: what it detects, the data, how it was made")
-    parser.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--note", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="add KEY to the config's training section (VALUE parsed as JSON when it can be)")
     args = parser.parse_args(argv)
-    notes = {}
-    for item in args.note:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--note {item!r}: expected KEY=VALUE")
-        try:
-            notes[key] = json.loads(value)
-        except ValueError:
-            notes[key] = value
+    notes = dict(args.note)  # (KEY, value) pairs, checked by their type
+    for path in checkpoint_paths(args.target):  # before any work
+        check_output_file(path, "target")
     from detector.training.rcnn import export_detector
 
     path = export_detector(args.source, args.target, half=not args.fp32, notes=notes, name=args.name,

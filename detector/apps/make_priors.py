@@ -16,21 +16,24 @@ import argparse
 import json
 import sys
 
-from detector.base.cli import run_tool
+from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
+from detector.base.files import check_output_file
+from detector.base.options import positive_int, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", required=True,
                         help="COCO .json, VOC root, or ILSVRC Annotations folder (with --image-list)")
     parser.add_argument("--split", default="train", help="VOC split (ImageSets/Main/<split>.txt); default train")
     parser.add_argument("--image-list", help="ILSVRC image list (val.txt style) for an Annotations folder")
-    parser.add_argument("--k", type=int, default=800, help="number of priors (default 800)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the k-means++ seeding (default 0)")
-    parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most (default 100)")
+    parser.add_argument("--k", type=positive_int, default=800, help="number of priors (default 800)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the k-means++ seeding (default 0)")
+    parser.add_argument("--max-iter", type=positive_int, default=100, help="Lloyd iterations at most (default 100)")
     parser.add_argument("--out", required=True, help="output JSON file")
     args = parser.parse_args(argv)
+    check_output_file(args.out, "--out")  # before any work
     # the library (readers, scipy) after parsing, so that --help and bad flags answer at once
     from detector.data import open_dataset
     from proposals.priors import kmeans_priors, mean_best_iou, normalized_gt_boxes, save_priors

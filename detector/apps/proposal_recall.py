@@ -18,15 +18,18 @@ import json
 import sys
 from pathlib import Path
 
-from detector.base.cli import run_tool
+from detector.base.cli import ToolParser, run_tool
 from detector.base.defaults import PROPOSAL_METHODS as METHODS
 from detector.base.errors import UserError
-from detector.base.files import atomic_open
+from detector.base.files import atomic_open, check_output_file
+from detector.base.options import int_in, positive_int, positive_number, proposal_method_backend
 from detector.base.threads import add_threads_argument, configure_threads
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # formats matplotlib writes by the name
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ToolParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--coco", metavar="JSON", help="COCO instances JSON")
@@ -35,13 +38,14 @@ def parse_args(argv):
     p.add_argument("--annotations", help="ILSVRC: folder of the XML annotations")
     p.add_argument("--image-root", help="folder of the images (COCO default: the JSON's folder)")
     p.add_argument("--split", default="test", help="VOC split (default test)")
-    p.add_argument("--method", action="append", default=[], metavar="METHOD[:BACKEND]",
-                   help=f"a method to run ({', '.join(METHODS)}), repeatable")
+    p.add_argument("--method", action="append", default=[], metavar="METHOD[:BACKEND]", type=proposal_method_backend,
+                   help=f"a method to run ({', '.join(METHODS)}; backend of ss-*: native, opencv, "
+                        "selectivesearch), repeatable")
     p.add_argument("--store", action="append", default=[], metavar="PATH", help="a precomputed store, repeatable")
-    p.add_argument("--max-images", type=int, help="only the first N images")
-    p.add_argument("--max-side", type=int, help="Selective Search working size (default 500)")
-    p.add_argument("--superpixel-scale", type=float, help="multiply every k (GoogLeNet: 2)")
-    p.add_argument("--max-boxes", type=int, help="at most N boxes per image (native default 2000)")
+    p.add_argument("--max-images", type=positive_int, help="only the first N >= 1 images")
+    p.add_argument("--max-side", type=int_in(1, 65535), help="Selective Search working size, in [1, 65535] (default 500)")
+    p.add_argument("--superpixel-scale", type=positive_number, help="multiply every k, > 0 (GoogLeNet: 2)")
+    p.add_argument("--max-boxes", type=positive_int, help="at most N >= 1 boxes per image (native default 2000)")
     p.add_argument("--json", metavar="OUT", help="write all figures (with recall curves) as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw recall against the number of proposals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,18 +67,21 @@ def load_dataset(args):
 
 def method_specs(args) -> list:
     # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    from proposals.propose import check_options
     from proposals.recall import MethodSpec
 
     common = {k: v for k, v in (("max_side", args.max_side), ("superpixel_scale", args.superpixel_scale),
                                 ("max_boxes", args.max_boxes)) if v is not None}
     specs = []
-    for text in args.method:
+    for text in args.method:  # METHOD[:BACKEND], checked by its type
         method, _, backend = text.partition(":")
-        if method not in METHODS:
-            raise UserError(f"--method {text}: unknown method; use one of {', '.join(METHODS)}")
         options = dict(common)
         if backend:
             options["backend"] = backend
+        try:
+            check_options(method, options)  # nothing is run: a bad option is one line before any work
+        except ValueError as err:
+            raise UserError(f"--method {text}: {err}") from None
         specs.append(MethodSpec(text, method, tuple(sorted(options.items()))))
     for path in args.store:
         if not Path(path).exists():
@@ -90,6 +97,10 @@ def method_specs(args) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads)  # before torch is imported
+    if args.json:  # every output path before any work
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_output_file(args.plot, "--plot", PLOT_SUFFIXES)
     specs = method_specs(args)
     from proposals.recall import evaluate, format_table, plot_recall  # after parsing, as above
 

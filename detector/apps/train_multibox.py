@@ -19,13 +19,24 @@ import argparse
 import json
 import sys
 
-from detector.base.cli import run_tool
+from detector.base.checkpoint import checkpoint_paths
+from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
+from detector.base.files import check_output_file, check_output_folder
+from detector.base.options import (
+    iou,
+    learning_rate,
+    non_negative_int,
+    non_negative_number,
+    positive_int,
+    seed,
+    unit_fraction,
+)
 from detector.base.threads import add_threads_argument, configure_threads
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--annotations", required=True, help="training set: COCO .json, VOC root, or ILSVRC "
                       "Annotations folder (with --image-list and --image-root)")
@@ -40,46 +51,48 @@ def parse_args(argv):
                       "resizing them all into memory first")
     model = p.add_argument_group("model")
     model.add_argument("--priors", help="priors JSON from tools/make_priors.py")
-    model.add_argument("--num-priors", type=int, default=800, help="without --priors: cluster this many "
+    model.add_argument("--num-priors", type=positive_int, default=800, help="without --priors: cluster this many "
                        "priors from the training boxes (default 800)")
-    model.add_argument("--input-size", type=int, default=224, help="network input side in pixels (default 224)")
+    model.add_argument("--input-size", type=positive_int, default=224, help="network input side in pixels (default 224)")
     model.add_argument("--trunk-end", default="inception5b", help="last GoogLeNet stage kept (default "
                        "inception5b, the whole trunk; inception4e keeps a stride-16 map)")
-    model.add_argument("--head-channels", type=int, default=64)
-    model.add_argument("--head-grid", type=int, default=7)
-    model.add_argument("--head-hidden", type=int, default=512)
-    model.add_argument("--dropout", type=float, default=0.3)
-    model.add_argument("--alpha", type=float, default=0.3, help="location weight in the cost and loss (0.3)")
+    model.add_argument("--head-channels", type=positive_int, default=64)
+    model.add_argument("--head-grid", type=positive_int, default=7)
+    model.add_argument("--head-hidden", type=positive_int, default=512)
+    model.add_argument("--dropout", type=unit_fraction, default=0.3)
+    model.add_argument("--alpha", type=non_negative_number, default=0.3, help="location weight in the cost and loss (0.3)")
     model.add_argument("--match-to-priors", action="store_true", help="match ground truth to the priors, "
                        "not the predictions")
-    model.add_argument("--top-k", type=int, default=200, help="boxes kept at inference (default 200)")
-    model.add_argument("--nms-iou", type=float, default=0.7, help="inference NMS IoU (default 0.7)")
+    model.add_argument("--top-k", type=positive_int, default=200, help="boxes kept at inference (default 200)")
+    model.add_argument("--nms-iou", type=iou, default=0.7, help="inference NMS IoU (default 0.7)")
     model.add_argument("--backbone-weights", help="local torchvision ImageNet GoogLeNet weights (.pth or "
                        ".safetensors); default: from scratch")
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--batch-size", type=int, default=8, help="images per batch and process (default 8)")
-    opt.add_argument("--iterations", type=int, default=2000)
-    opt.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
-    opt.add_argument("--warmup-iters", type=int, default=100)
+    opt.add_argument("--batch-size", type=positive_int, default=8, help="images per batch and process (default 8)")
+    opt.add_argument("--iterations", type=positive_int, default=2000)
+    opt.add_argument("--lr", type=learning_rate, default=0.01, help="base learning rate (default 0.01)")
+    opt.add_argument("--warmup-iters", type=non_negative_int, default=100)
     opt.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
-    opt.add_argument("--steps", type=int, nargs="*", default=(), help="iterations of the step decays")
-    opt.add_argument("--momentum", type=float, default=0.9)
-    opt.add_argument("--weight-decay", type=float, default=5e-4)
-    opt.add_argument("--grad-clip", type=float, default=10.0, help="gradient norm clip (0: none; default 10)")
+    opt.add_argument("--steps", type=positive_int, nargs="*", default=(), help="iterations of the step decays")
+    opt.add_argument("--momentum", type=unit_fraction, default=0.9)
+    opt.add_argument("--weight-decay", type=non_negative_number, default=5e-4)
+    opt.add_argument("--grad-clip", type=non_negative_number, default=10.0, help="gradient norm clip (0: none; default 10)")
     opt.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--seed", type=seed, default=0)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--resume", help="run directory or last.state.pt to continue from")
-    run.add_argument("--checkpoint-every", type=int, default=200)
-    run.add_argument("--eval-every", type=int, default=200)
+    run.add_argument("--checkpoint-every", type=non_negative_int, default=200)
+    run.add_argument("--eval-every", type=non_negative_int, default=200)
     run.add_argument("--metric", default="mabo", choices=("mabo", "recall_0.5", "recall_0.7", "mabo@10",
                                                           "mabo@50", "recall_0.5@10", "recall_0.5@50"),
                      help="held-out measure that picks the best checkpoint (default mabo)")
-    run.add_argument("--log-every", type=int, default=20)
+    run.add_argument("--log-every", type=positive_int, default=20)
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_argument(run)
-    run.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    run.add_argument("--workers", type=non_negative_int, default=None,
+                        help="data-loading processes, spawned (default: the usable cores but one; 0: load in "
+                             "the training process)")
     run.add_argument("--export", help="write the best (else last) model here as NAME.safetensors + NAME.json")
     run.add_argument("--half", action="store_true", help="with --export: store the weights as float16")
     run.add_argument("--no-progress", action="store_true")
@@ -125,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     from detector.training.multibox import run_multibox_training
 
     config = build_config(args)
+    check_output_folder(args.out, "--out")  # every output path before any work
+    if args.export:
+        for path in checkpoint_paths(args.export):
+            check_output_file(path, "--export")
     ctx = init_distributed(args.device)
     try:
         summary = run_multibox_training(config, ctx, report=print if ctx.is_main else (lambda *_: None))

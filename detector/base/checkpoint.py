@@ -131,7 +131,7 @@ class ModelInfo:
     description: str
     class_names: tuple[str, ...]
 
-    def classes_text(self, max_chars: int = 100) -> str:
+    def classes_text(self, max_chars: int = 200) -> str:
         """``"13 classes (bishop, black-bishop, ..., white-rook)"``: every name that fits in about
         ``max_chars``, then how many more."""
         names, shown = list(self.class_names), []

@@ -13,6 +13,8 @@ MAX_PROPOSALS = 2000
 PROPOSAL_METHOD = "ss-fast"  # what a checkpoint proposes with when it names nothing else
 # every method of proposals.propose (Selective Search modes, MultiBox, the GoogLeNet merge)
 PROPOSAL_METHODS = ("ss-fast", "ss-quality", "ss-single", "multibox", "googlenet")
+# Selective Search implementations behind proposals.selective_search (proposals/backends.py)
+SS_BACKENDS = ("native", "opencv", "selectivesearch")
 
 # R-CNN's box parameterization: targets (dx, dy, dw, dh) are multiplied by these (wx, wy, ww, wh), the
 # inverse of the deltas' standard deviations (0.1, 0.1, 0.2, 0.2) of Girshick et al. / torchvision.

@@ -9,7 +9,16 @@ not the ``0o600`` that :func:`tempfile.mkstemp` gives.
 
 The temporary name is ``.NAME.<random>.tmp.EXT`` beside ``NAME.EXT``: hidden, recognisably temporary,
 and still ending in the target's extension for writers that pick the format from it (``np.save``,
-matplotlib, Pillow).
+matplotlib, Pillow). An ``OSError`` of the write (a full disk) names the target.
+
+Two more rules every tool follows, here so that there is one of each:
+
+- Output paths are checked before any work (:func:`check_output_file`, :func:`check_output_folder`): a
+  folder where a file is expected, a file where a folder is expected, or a folder that cannot be written
+  is one line naming the option; a missing folder is created (as the atomic write does), and nothing is
+  left behind by the check.
+- Text lists (image lists, blacklists, split files) are read by :func:`text_lines`: a line that is not
+  UTF-8, or binary data, is one line naming the file and the line, never a ``UnicodeDecodeError``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from detector.base.errors import UserError
 
 
 def _umask() -> int:
@@ -70,8 +81,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write(): name the file it was for
+            err.filename = str(target)
         raise
 
 
@@ -93,3 +106,74 @@ def atomic_write(target: str | os.PathLike, data: str | bytes, encoding: str = "
     with atomic_open(target, "wb") as f:
         f.write(data.encode(encoding) if isinstance(data, str) else bytes(data))
     return Path(target)
+
+
+# -- output paths, checked before any work ----------------------------------------------------------------
+
+def _probe_folder(folder: Path, option: str, shown: str) -> None:
+    """Create ``folder`` (and its parents) if missing, then create and remove a temporary file in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = create_temporary(folder, ".gdet-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):  # mkdir found a file where a folder must be
+        raise UserError(f"{option} {shown}: cannot write in '{folder}' (a file is in the way where a folder "
+                        "must be); give another path") from None
+    except OSError as err:
+        raise UserError(f"{option} {shown}: cannot write in '{folder}' ({err.strerror or err}); give a "
+                        "writable path") from None
+
+
+def check_output_file(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """Before any work: ``path`` can be written as a file (``option`` names it in the message, e.g.
+    ``"--json"``), ending in one of ``suffixes`` if given (case ignored). A folder there, a parent that is
+    a file, a folder that cannot be written or another suffix is a one-line :class:`UserError`; a missing
+    parent folder is created. Returns the path."""
+    path = Path(path)
+    shown = f"'{path}'"
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {shown}: give a file name ending in {', '.join(suffixes)}")
+    if path.is_dir():
+        raise UserError(f"{option} {shown} is a folder; give a file name in it (for example "
+                        f"{path / 'out.json'})")
+    _probe_folder(path.parent, option, shown)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, option: str, files: tuple[str, ...] = ()) -> Path:
+    """Before any work: ``path`` is (or is created as) a folder that can be written, and none of the
+    ``files`` the tool will write in it is a folder. One-line :class:`UserError` otherwise. Returns the
+    path."""
+    path = Path(path)
+    shown = f"'{path}'"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {shown} is a file; give a folder")
+    _probe_folder(path, option, shown)
+    for name in files:
+        if (path / name).is_dir():
+            raise UserError(f"{option} {shown}: '{path / name}' is a folder where the output file {name} goes; "
+                            "move it away or give another folder")
+    return path
+
+
+# -- text lists -----------------------------------------------------------------------------------------
+
+def text_lines(path: str | os.PathLike, what: str = "list") -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file (a leading byte-order mark is dropped), numbered from 1.
+
+    A line with a NUL byte (a binary file) or bytes that are not UTF-8 is a :class:`UserError` naming the
+    file, the line and the column; ``what`` says what the file is ("image list", "blacklist").
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if b"\0" in raw:
+                raise UserError(f"{path}:{lineno}: binary data (a NUL byte at column {raw.index(0) + 1}), not a "
+                                f"text {what}; pass a text file, one entry per line")
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1}); save the {what} as UTF-8") from None
+            yield lineno, line

@@ -26,6 +26,9 @@ def read_json_file(path: str | Path, what: str):
         raise UserError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    except UnicodeDecodeError as err:  # binary data, or text in another encoding
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        f"the {what} must be UTF-8 JSON") from None
 
 
 def load_coco_json(json_path: str | Path) -> dict:

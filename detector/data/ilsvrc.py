@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from detector.base.boxes import voc_to_xyxy
 from detector.base.errors import UserError
+from detector.base.files import text_lines
 from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary
 from detector.data.records import Dataset, ImageRecord
 from detector.data.voc import parse_annotation_bytes, read_annotation_bytes
@@ -39,11 +40,10 @@ class IlsvrcDataset(Dataset):
 def _lines(path: Path, what: str) -> Iterable[tuple[int, list[str]]]:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found; check the path")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if fields:
-                yield lineno, fields
+    for lineno, line in text_lines(path, what):  # not UTF-8, or binary: one line naming the line
+        fields = line.split()
+        if fields:
+            yield lineno, fields
 
 
 def read_image_list(path: str | Path) -> list[tuple[str, int]]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from detector.base.boxes import voc_to_xyxy
 from detector.base.errors import UserError
+from detector.base.files import text_lines
 from detector.base.vocab import Vocabulary
 from detector.data.records import Dataset, ImageRecord
 
@@ -113,7 +114,7 @@ def read_split_file(path: str | Path) -> list[str]:
         raise UserError(f"{path}: split list not found; pass an existing split (e.g. train, val, test)")
     ids = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in text_lines(path, "split list"):  # not UTF-8, or binary: one line naming the line
         fields = line.split()
         if not fields:
             continue

@@ -13,19 +13,15 @@ padding, and an antialiasing pyramid for regions larger than the input), from th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from detector.base.boxes import valid_box_mask
 from detector.base.defaults import IMAGENET_MEAN, IMAGENET_STD, MAX_PROPOSALS
-from detector.base.errors import UserError
-from detector.base.files import atomic_open, atomic_write
 from detector.base.io import ImageError, load_image, read_image_size
 from detector.box_coder import BoxCoder
 from detector.data.records import Dataset, ImageRecord
@@ -201,41 +197,3 @@ class RegionBatchSource:
                  for i in self.image_indices(iteration)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-
-def cached_proposals(fn: ProposalFn, cache_dir: str | Path | None = None, options: dict | None = None) -> ProposalFn:
-    """Wrap a proposal function so that each image's proposals are computed once (in memory, and in
-    ``cache_dir/<image_id>.npy`` when given).
-
-    options: what produced the proposals (method, settings); kept in ``cache_dir/options.json``, and a
-    cache made with other options is refused rather than silently reused.
-    """
-    memory: dict = {}
-    folder = Path(cache_dir) if cache_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = folder / "options.json"
-        wanted = json.loads(json.dumps(options or {}))
-        if meta.exists():
-            found = json.loads(meta.read_text(encoding="utf-8"))
-            if found != wanted:
-                raise UserError(f"proposal cache '{folder}' was made with {found}, not {wanted}; pass another "
-                                "--proposal-cache folder or delete this one")
-        else:
-            atomic_write(meta, json.dumps(wanted, indent=1))
-
-    def wrapped(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
-        key = str(rec.image_id)
-        if key in memory:
-            return memory[key]
-        path = folder / f"{key}.npy" if folder is not None else None
-        if path is not None and path.exists():
-            boxes = np.load(path)
-        else:
-            boxes = np.asarray(fn(rec, image), np.float32).reshape(-1, 4)
-            if path is not None:
-                with atomic_open(path, "wb") as f:
-                    np.save(f, boxes)
-        memory[key] = boxes
-        return boxes
-
-    return wrapped

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from detector.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -31,17 +33,6 @@ class DistContext:
         return self.rank == 0
 
 
-def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"``: this process's GPU when CUDA is available, else the CPU; or ``"cpu"``, ``"cuda"``."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device(requested)
-
-
 def init_distributed(device: str = "auto", backend: str | None = None) -> DistContext:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else a single process.
 
@@ -50,7 +41,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistCo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if world_size <= 1:
         return DistContext(0, 1, 0, dev, False)
     if dev.type == "cuda":

@@ -48,6 +48,7 @@ from torch import nn
 from detector.base.checkpoint import save_checkpoint
 from detector.base.errors import UserError
 from detector.base.files import atomic_path, atomic_write
+from detector.base.jobs import default_workers
 from detector.training.distributed import DistContext, all_reduce_mean, barrier, broadcast_object
 from detector.training.schedule import ScheduleConfig, learning_rate
 
@@ -76,7 +77,8 @@ class EngineConfig:
     log_every: iterations between lines of ``metrics.jsonl``.
     amp: ``"auto"`` (bf16 on a GPU that supports it, none on the CPU), ``"none"``, ``"bf16"`` or ``"fp16"``.
     grad_clip: clip the gradient norm to this value (0: no clipping).
-    num_workers: data-loading processes (0: load in the training process).
+    num_workers: data-loading processes, started with ``spawn`` (None: the usable cores but one, see
+        :func:`detector.base.jobs.default_workers`; 0: load in the training process).
     seed: seeds python, numpy and torch before the first iteration.
     progress: show a progress bar (rank 0).
     """
@@ -92,7 +94,7 @@ class EngineConfig:
     log_every: int = 20
     amp: str = "auto"
     grad_clip: float = 0.0
-    num_workers: int = 0
+    num_workers: int | None = None
     seed: int = 0
     progress: bool = True
 
@@ -101,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.log_every < 1:
             raise ValueError("checkpoint_every and eval_every must be >= 0, log_every >= 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (or None: sized to the machine), got {self.num_workers}")
 
 
 @dataclass
@@ -290,13 +294,19 @@ class _IterationDataset(torch.utils.data.Dataset):
         return self.source.batch(self.start + index)
 
 
-def _batches(source: BatchSource, start: int, stop: int, num_workers: int):
-    if num_workers <= 0:
+def _batches(source: BatchSource, start: int, stop: int, num_workers: int | None):
+    """The batches of iterations ``start .. stop - 1``, from ``num_workers`` spawned processes (None: sized
+    to the machine) or this one (0). Spawned, never forked: a child forked while OpenMP's, OpenCV's or
+    numba's threads run can deadlock; ``source`` is pickled to each worker once."""
+    workers = default_workers() if num_workers is None else num_workers
+    workers = min(workers, stop - start)
+    if workers <= 0:
         for it in range(start, stop):
             yield source.batch(it)
         return
     loader = torch.utils.data.DataLoader(_IterationDataset(source, start, stop), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, prefetch_factor=2, persistent_workers=False,
+                                         num_workers=workers, prefetch_factor=2, persistent_workers=False,
+                                         multiprocessing_context="spawn",
                                          # a private generator: the global torch stream stays untouched
                                          generator=torch.Generator().manual_seed(start))
     yield from loader

@@ -23,24 +23,20 @@ from detector.base.checkpoint import load_checkpoint, make_checkpoint_config, sa
 from detector.base.defaults import MAX_PROPOSALS, PROPOSAL_METHOD
 from detector.base.errors import UserError
 from detector.base.files import atomic_write
+from detector.base.jobs import Shard, default_workers, settings_digest
 from detector.box_coder import BoxCoder
 from detector.classifier import ClassifierConfig, RegionClassifier, load_backbone_weights
 from detector.data import read_coco, read_ilsvrc_det, read_voc
 from detector.data.records import Dataset, ImageRecord
 from detector.postprocess import PostprocessConfig
-from detector.training.data import (
-    ProposalFn,
-    RegionBatchSource,
-    RegionDataConfig,
-    cached_proposals,
-    check_images,
-)
-from detector.training.distributed import DistContext
+from detector.proposal_source import ProposalSettings, source_proposals
+from detector.training.data import RegionBatchSource, RegionDataConfig, check_images
+from detector.training.distributed import DistContext, barrier
 from detector.training.engine import EngineConfig, TrainResult, train
 from detector.training.losses import LossConfig, detection_loss
 from detector.training.sampler import SamplerConfig
 from detector.training.validation import Validator
-from proposals.propose import propose
+from proposals.precompute import ImageEntry, PrecomputeConfig, precompute
 from proposals.store import ProposalStore
 
 
@@ -48,13 +44,16 @@ from proposals.store import ProposalStore
 class ProposalConfig:
     """method: a :func:`proposals.propose` method, used when no store is given. options: its settings
     (e.g. ``{"max_side": 500}``). store: a precomputed :class:`proposals.ProposalStore` path.
-    cache_dir: where proposals computed here are kept (one ``.npy`` per image).
+    cache_dir: where proposals computed here are stored: one store per split and setting,
+    ``cache_dir/<split>-<digest of method and options>`` (reruns and resumes reuse it).
+    workers: processes computing them (None: the usable cores but one; 0 or 1: this process).
     max_proposals: proposals per image used in training. eval_max_proposals: per image at detection."""
 
     method: str = PROPOSAL_METHOD
     options: dict = field(default_factory=lambda: {"max_side": 500})
     store: str | None = None
     cache_dir: str | None = None
+    workers: int | None = None
     max_proposals: int = MAX_PROPOSALS
     eval_max_proposals: int = 1000
 
@@ -135,38 +134,87 @@ def align_vocabulary(val: Dataset, train: Dataset, val_path: str) -> Dataset:
 
 
 def split_name(path: str | Path, split: str) -> str:
-    """A folder name for a dataset's proposal cache: the JSON's folder (COCO), ``<folder>-<split>`` (VOC)
-    or the list's stem (ILSVRC)."""
+    """A name for a dataset's proposal store: the JSON's folder (COCO), ``<folder>-<split>`` (VOC) or the
+    list's stem (ILSVRC)."""
     path = Path(path)
     if path.suffix == ".json":
         return path.parent.name
     return f"{path.name}-{split}" if path.is_dir() else path.stem
 
 
-def proposal_function(config: ProposalConfig, split_name: str) -> ProposalFn:
-    """Proposals per image in original pixels: from the store, or computed once and cached in
-    ``cache_dir/split_name``."""
+class StoreProposals:
+    """A training :data:`~detector.training.data.ProposalFn` reading a :class:`proposals.ProposalStore`:
+    ``(record, image) -> float32 (N, 4)`` xyxy pixels, looked up with the store's public lookup
+    (:meth:`proposals.ProposalStore.find`, by file name then image id, through
+    :func:`detector.proposal_source.source_proposals`, which also checks the image size). Pickled by path,
+    so that spawned data-loading workers open the store themselves (memory-mapped, not copied)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._settings: ProposalSettings | None = None
+
+    def _source(self) -> ProposalSettings:
+        if self._settings is None:  # opened on first use, in each process
+            self._settings = ProposalSettings(source=ProposalStore(self.path))
+        return self._settings
+
+    @property
+    def store(self) -> ProposalStore:
+        return self._source().source
+
+    def __call__(self, record: ImageRecord, image: np.ndarray) -> np.ndarray:
+        return source_proposals(image, self._source(), record.file_name, record.image_id)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self._settings = state["path"], None
+
+    def check(self, dataset: Dataset, what: str) -> None:
+        """Every record of ``dataset`` has proposals in the store, or one line saying which do not."""
+        store, missing = self.store, []
+        for rec in dataset.records:
+            key = store.find(rec.file_name, rec.image_id)
+            if key is None or key in store.failures:
+                missing.append(f"{rec.file_name}: {store.failures[key] if key else 'not in the store'}")
+        if missing:
+            raise UserError(f"proposal store '{self.path}' lacks {len(missing)} of the {len(dataset)} images of "
+                            f"{what} (first: {missing[0]}); precompute proposals for them "
+                            "(tools/precompute_proposals.py), or leave --proposal-store out to compute them here")
+
+
+def computed_store(config: ProposalConfig, split: str) -> Path:
+    """The store of proposals computed for ``split`` with ``config``'s method and options: a setting
+    has its own folder, so another setting never reuses (or is refused by) a store made before."""
+    digest = settings_digest({"method": config.method, "options": dict(config.options)})
+    return Path(config.cache_dir) / f"{split}-{digest[:8]}"
+
+
+def split_proposals(config: ProposalConfig, dataset: Dataset, split: str, ctx: DistContext = DistContext(),
+                    progress: bool = True, report=print) -> StoreProposals:
+    """The proposals of ``dataset``'s images: from ``config.store``, or computed through the batch-job
+    framework (:func:`proposals.precompute.precompute`: ``workers`` spawned processes, resumable, each
+    process of a distributed run doing its shard) into :func:`computed_store` and read from there.
+    Every image must have proposals (else one line naming the first that has none)."""
     if config.store is not None:
-        store = ProposalStore(config.store)
-
-        def from_store(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
-            for key in (str(rec.image_id), Path(rec.file_name).stem, rec.file_name):
-                try:
-                    return np.asarray(store[key][0], np.float32)
-                except KeyError:
-                    continue
-            raise UserError(f"proposal store '{config.store}' has no entry for image {rec.image_id} "
-                            f"({rec.file_name}); precompute proposals for this split")
-
-        return from_store
-
-    options = dict(config.options)
-
-    def compute(rec: ImageRecord, image: np.ndarray) -> np.ndarray:
-        return propose(image, method=config.method, **options)
-
-    cache = Path(config.cache_dir) / split_name if config.cache_dir else None
-    return cached_proposals(compute, cache, {"method": config.method, **options})
+        proposals = StoreProposals(config.store)
+    else:
+        if config.cache_dir is None:
+            raise UserError("computing proposals needs a folder to keep them (--proposal-cache); or pass "
+                            "--proposal-store")
+        folder = computed_store(config, split)
+        entries = [ImageEntry(rec.file_name, str(dataset.image_path(rec))) for rec in dataset.records]
+        workers = default_workers() if config.workers is None else config.workers
+        job = PrecomputeConfig(method=config.method, options=tuple(sorted(config.options.items())),
+                               workers=workers, shard=Shard(ctx.rank, ctx.world_size))
+        done = precompute(entries, folder, job, progress=progress and ctx.is_main)
+        if done.done:
+            report(f"proposals of {split}: {done.summary(verb='computed')}; kept in {folder}")
+        barrier(ctx)  # every shard's proposals are in the store before any process reads it
+        proposals = StoreProposals(folder)
+    proposals.check(dataset, split)
+    return proposals
 
 
 def proposal_settings(config: ProposalConfig) -> dict:
@@ -250,9 +298,10 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
             report(f"validation set: {val_check.report()}")
         records = val_check.records[: config.val_images] if config.val_images else val_check.records
         val_set = Dataset(records, val_set.vocab, val_set.image_root, val_set.name)
-        validator = Validator(val_set, proposal_function(config.proposals, split_name(config.val, config.val_split)),
-                              config.proposals.eval_max_proposals, config.postprocess, box_coder,
-                              precision="auto", progress=ctx.is_main and config.engine.progress)
+        val_proposals = split_proposals(config.proposals, val_set, split_name(config.val, config.val_split), ctx,
+                                        config.engine.progress, report)
+        validator = Validator(val_set, val_proposals, config.proposals.eval_max_proposals, config.postprocess,
+                              box_coder, precision="auto", progress=ctx.is_main and config.engine.progress)
 
     torch.manual_seed(config.engine.seed)
     model = RegionClassifier(config.classifier)
@@ -264,7 +313,8 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
         report(f"initialized the model from {config.init_checkpoint}")
     data = RegionDataConfig.for_classifier(config.classifier, max_proposals=config.proposals.max_proposals,
                                            seed=config.engine.seed)
-    proposals = proposal_function(config.proposals, split_name(config.train, config.train_split))
+    proposals = split_proposals(config.proposals, train_set, split_name(config.train, config.train_split), ctx,
+                                config.engine.progress, report)
     source = RegionBatchSource(train_set, proposals, config.sampler, data,
                                box_coder, rank=ctx.rank, world_size=ctx.world_size)
     saved = model_config(config, train_set.vocab, box_coder)

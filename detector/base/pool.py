@@ -1,0 +1,128 @@
+"""One concurrency model for batch work: spawned processes, threads, or the calling thread.
+
+:func:`imap_outcomes` runs ``work(item)`` for a stream of items in ``workers`` processes started with
+``spawn``, or in threads for work that releases the GIL, or in the calling thread (``workers == 0``);
+results come back in item order as :class:`Outcome` (a value, or the reason the item failed), with at
+most ``read_ahead`` items in flight. Never ``fork``: a child forked while OpenCV's or OpenMP's thread
+pool is running can deadlock, and numba's threading layers are not fork-safe. Spawned workers
+re-import the work's module (numba's compiled functions come from its disk cache), so processes pay off
+for work of a fraction of a second per item or more.
+
+Which pool suits which work was measured on this project's 2-core machine while a training job ran
+beside it (load average 12; ``benchmarks/bench_job_pool.py``, 12 chess photos of 2048 x 1371, speed-up
+against the calling thread alone, a process pool's start taken out):
+
+===================================  ===========  ==============
+work                                 2 threads    2 processes
+===================================  ===========  ==============
+Selective Search (``ss-fast``)       1.02x        1.38x
+image reading (JPEG decode)          1.40x        0.66x
+===================================  ===========  ==============
+
+Selective Search holds the GIL (numba and numpy on small arrays), so threads do not scale and
+processes do (the 16-core GPU machine of issue 12: 3.1 / 18.7 / 34.9 images/s with 1 / 4 / 12
+processes); decoding a JPEG releases the GIL, and a decoded image is costly to pickle back, so reading
+alone uses threads. A process pool's start (spawn, imports, numba's cache) took 13 s for 2 workers on
+that loaded machine: small jobs are better done in the calling thread.
+:data:`PROCESSES` and :data:`THREADS` name the two choices.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from detector.base.errors import UserError
+from detector.base.threads import usable_cores
+
+PROCESSES = "processes"  # spawned worker processes: work that holds the GIL (Selective Search, MultiBox)
+THREADS = "threads"  # threads of this process: work that releases the GIL (image decoding, file reads)
+POOLS = (PROCESSES, THREADS)
+
+
+class ItemFailed(Exception):
+    """Raised by a job's ``work`` for an item it cannot do: the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One item's result: ``value`` (None when it failed), ``error`` (``""`` or the reason), ``seconds``
+    of work (in the worker)."""
+
+    value: Any = None
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def attempt(work: Callable[[Any], Any], item) -> Outcome:
+    """``work(item)`` as an :class:`Outcome`: what an item can cause becomes its recorded reason."""
+    start = time.perf_counter()
+    try:
+        value = work(item)
+    except (ItemFailed, UserError) as err:
+        return Outcome(None, str(err).replace("\n", " ") or type(err).__name__, time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - one odd item must not end a 20,000-item run; it is listed
+        return Outcome(None, f"{type(err).__name__}: {err}".replace("\n", " "), time.perf_counter() - start)
+    return Outcome(value, "", time.perf_counter() - start)
+
+
+def _pool(workers: int, pool: str, initializer: Callable[[], None] | None) -> Executor:
+    if pool == THREADS:
+        return ThreadPoolExecutor(workers, thread_name_prefix="job", initializer=initializer)
+    if pool == PROCESSES:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def imap_outcomes(work: Callable[[Any], Any], items: Iterable, workers: int = 0, pool: str = PROCESSES,
+                  read_ahead: int | None = None, initializer: Callable[[], None] | None = None) -> Iterator[Outcome]:
+    """``attempt(work, item)`` for each item, yielded in item order.
+
+    workers: 0 works in the calling thread; else a pool of that many (``pool``: :data:`PROCESSES`,
+        started with ``spawn``, or :data:`THREADS`). For processes, ``work`` and the items are pickled:
+        a module-level function (or a ``functools.partial`` of one) and plain data.
+    read_ahead: items in flight at most (default ``2 * workers``): what waits in memory while the
+        caller is busy with earlier results.
+    initializer: run once in each worker process or thread (e.g. ``cv2.setNumThreads(1)``).
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        yield from (attempt(work, item) for item in items)
+        return
+    window = max(1, read_ahead if read_ahead is not None else 2 * workers)
+    executor = _pool(workers, pool, initializer)
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(attempt, work, item))
+            if len(pending) >= window:
+                yield _result(pending.popleft())
+        while pending:
+            yield _result(pending.popleft())
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(future) -> Outcome:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise UserError("a worker process died (killed, out of memory, or a crash in native code); rerun with "
+                        "fewer --workers (finished chunks are kept)") from None
+
+
+def default_workers(cap: int = 16) -> int:
+    """Worker processes when the user names none: the usable cores but one (left to the process that
+    consumes the results: the training or detection loop), at least 1, at most ``cap``."""
+    return max(1, min(cap, usable_cores() - 1))
