@@ -17,8 +17,8 @@ from PIL import Image
 from detector.apps.precompute_proposals import main as tool_main
 from detector.base.cli import run_tool
 from detector.base.errors import UserError
-from proposals import ProposalStore
 from detector.base.jobs import Shard
+from proposals import ProposalStore
 from proposals.precompute import PrecomputeConfig, list_file, list_images, precompute
 from proposals.store import part_files
 

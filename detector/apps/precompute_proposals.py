@@ -132,8 +132,8 @@ def main(argv=None) -> int:
     if len(args.inputs) != 1:
         raise UserError("pass one INPUT (a folder or a list file), or --merge with several stores")
     method, options = method_options(args)
-    check_output_folder(args.out, "--out")
     entries = list_images(args.inputs[0], args.image_root)
+    check_output_folder(args.out, "--out")
     config = PrecomputeConfig(method=method, options=options, workers=args.workers,
                               shard=Shard.parse(args.shard), chunk_size=args.chunk_size,
                               retry_failed=args.retry_failed)

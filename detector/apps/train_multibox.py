@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     from detector.training.multibox import run_multibox_training
 
     config = build_config(args)
-    check_output_folder(args.out, "--out")  # every output path before any work
-    if args.export:
+    if args.export:  # every output path before any work
         for path in checkpoint_paths(args.export):
             check_output_file(path, "--export")
+    check_output_folder(args.out, "--out")
     ctx = init_distributed(args.device)
     try:
         summary = run_multibox_training(config, ctx, report=print if ctx.is_main else (lambda *_: None))
