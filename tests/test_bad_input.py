@@ -273,6 +273,7 @@ def outputs(tmp_path) -> Path:
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "evaluation.json").mkdir()  # a folder where model mode writes a file
     (tmp_path / "dir" / "diagnose.png").mkdir()  # a folder where --diagnose writes a file
+    junk_images(tmp_path / "images")  # an input folder
     return tmp_path
 
 
