@@ -24,7 +24,8 @@ import math
 
 import cv2
 import numpy as np
-from numba import njit
+
+from proposals.jit import cached_njit
 
 COLOUR_SPACES = ("hsv", "lab", "rgi", "h", "i")
 COLOUR_BINS = 25
@@ -75,7 +76,7 @@ def gaussian_derivatives(channel: np.ndarray, sigma: float = TEXTURE_SIGMA) -> t
     return ix, iy
 
 
-@njit(cache=True)
+@cached_njit
 def _texture_bins(ix, iy, feats, row):
     """Write each pixel's texture bin (0..9: 10 bins over ``[0, max]`` of each orientation's
     response) for the 8 orientations of one channel into ``feats[row:row + 8]``.
@@ -158,7 +159,7 @@ def descriptor_sizes(num_channels: int) -> tuple[int, int]:
     return COLOUR_BINS * num_channels, ORIENTATIONS * TEXTURE_BINS * num_channels
 
 
-@njit(cache=True)
+@cached_njit
 def _histograms(labels, num_regions, feats, num_channels):
     num_colour = COLOUR_BINS * num_channels
     num_dims = num_colour + ORIENTATIONS * TEXTURE_BINS * num_channels

@@ -18,7 +18,8 @@ import math
 
 import cv2
 import numpy as np
-from numba import njit
+
+from proposals.jit import cached_njit
 
 
 def smooth(image: np.ndarray, sigma: float = 0.8) -> np.ndarray:
@@ -37,7 +38,7 @@ def smooth(image: np.ndarray, sigma: float = 0.8) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(img.shape))
 
 
-@njit(cache=True)
+@cached_njit
 def _edge_keys(img):
     """Sort keys of the 8-connected grid's edges: each pixel ``p`` to its right (d=0), down (1),
     down-right (2) and up-right (3) neighbour is edge ``e = 4 p + d``. A key holds the edge's
@@ -74,7 +75,7 @@ def _edge_keys(img):
     return keys
 
 
-@njit(cache=True)
+@cached_njit
 def _find(parent, x):
     while parent[x] != x:  # path halving
         parent[x] = parent[parent[x]]
@@ -82,7 +83,7 @@ def _find(parent, x):
     return x
 
 
-@njit(cache=True)
+@cached_njit
 def _segment_sorted(sorted_keys, num_edges, width, num_pixels, k, min_size):
     """Union-find over the first ``num_edges`` sorted keys; labels ``0..n-1`` in raster order."""
     pairs = sorted_keys.view(np.uint32)  # little-endian: [edge, weight bits] per key

@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from detector.base.defaults import MAX_PROPOSALS
 from proposals import colour
 from proposals.backends import run_backend
+from proposals.jit import cached_njit
 from proposals.segmentation import segment_scales
 from proposals.working_image import as_rgb, resize_to, working_size
 
@@ -95,7 +95,7 @@ class SearchResult:
 # Region statistics and the grouping loop (numba).
 
 
-@njit(cache=True)
+@cached_njit
 def _region_boxes_and_pairs(labels, n):
     """Bounding boxes (inclusive ``xmin, ymin, xmax, ymax``), sizes and 8-connected neighbour pairs
     ``(a, b)`` with ``a < b`` (sorted, unique) of the ``n`` regions of int32 ``labels (H, W)``."""
@@ -148,7 +148,7 @@ def _region_boxes_and_pairs(labels, n):
     return boxes, sizes, pairs
 
 
-@njit(cache=True)
+@cached_njit
 def _similarity(a, b, sizes, boxes, hist, num_colour, w_colour, w_texture, w_size, w_fill, image_area):
     s = 0.0
     if w_colour != 0.0:
@@ -170,7 +170,7 @@ def _similarity(a, b, sizes, boxes, hist, num_colour, w_colour, w_texture, w_siz
     return s
 
 
-@njit(cache=True)
+@cached_njit
 def _heap_push(hs, ha, hb, size, s, a, b):
     if size == hs.shape[0]:
         cap = 2 * size + 16
@@ -196,7 +196,7 @@ def _heap_push(hs, ha, hb, size, s, a, b):
     return hs, ha, hb, size + 1
 
 
-@njit(cache=True)
+@cached_njit
 def _heap_pop(hs, ha, hb, size):
     """Remove the root; the caller has read ``hs[0], ha[0], hb[0]`` first."""
     size -= 1
@@ -221,7 +221,7 @@ def _heap_pop(hs, ha, hb, size):
     return size
 
 
-@njit(cache=True)
+@cached_njit
 def _group(init_boxes, init_sizes, pairs, init_hist, num_colour, w_colour, w_texture, w_size, w_fill,
            image_area):
     """Hierarchical grouping of ``n`` initial regions; returns int32 ``(2n-1, 4)`` inclusive boxes in

@@ -14,11 +14,11 @@ import torch
 from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
 from detector.base.errors import UserError
 from detector.base.io import load_image
+from detector.base.jobs import Shard
 from detector.base.vocab import Vocabulary, ilsvrc_det_vocabulary
 from detector.classifier import ClassifierConfig, RegionClassifier
 from detector.data import read_coco
 from detector.data.records import Dataset, ImageRecord
-from detector.base.jobs import Shard
 from detector.dataset_runner import (
     RunConfig,
     chunk_path,
@@ -169,6 +169,37 @@ def test_shards_resume_and_unreadable_images(scene, tmp_path):
     for image_id, (boxes, scores, labels) in a.detections.items():  # workers=1 and workers=0, sharded or not
         for x, y in zip((boxes, scores, labels), b.detections[image_id]):
             assert np.array_equal(x, y)
+
+
+def test_spawned_readers_computing_proposals_give_the_serial_parts(scene, tmp_path):
+    # proposals computed on the fly: the readers are spawned processes (Selective Search holds the GIL)
+    dataset, _, models = scene
+    detector = Detector.from_checkpoint(models[:1], device="cpu", precision="fp32", batch_size=16,
+                                        proposals="ss-fast", proposal_options={"max_side": 64}, max_proposals=40)
+    settings = run_settings(models[:1], detector, dataset, chunk_size=2)
+    parts = {}
+    for workers in (0, 2):
+        out = claim_parts_folder(tmp_path / f"w{workers}", settings)
+        report = run_detection(detector, dataset, out, RunConfig(chunk_size=2, workers=workers), progress=False)
+        assert (report.done, report.failures) == (4, {}) and report.timings["proposals"] > 0
+        parts[workers] = [chunk_path(out, c).read_bytes() for c in range(2)]
+    assert parts[0] == parts[2]
+
+
+def test_failed_images_are_retried_with_retry_failed(scene, tmp_path):
+    dataset, proposals, models = scene
+    partial = {k: v for k, v in proposals.items() if k != dataset.records[2].file_name}
+    out = claim_parts_folder(tmp_path, run_settings(models[:1], make_detector(models[:1], partial), dataset, 2))
+    first = run_detection(make_detector(models[:1], partial), dataset, out, RunConfig(chunk_size=2, workers=0),
+                          progress=False)
+    assert list(first.failures) == [dataset.records[2].file_name]
+    again = run_detection(make_detector(models[:1], proposals), dataset, out, RunConfig(chunk_size=2, workers=0),
+                          progress=False)
+    assert (again.done, list(again.failures)) == (0, [dataset.records[2].file_name])  # recorded: listed, not redone
+    retried = run_detection(make_detector(models[:1], proposals), dataset, out,
+                            RunConfig(chunk_size=2, workers=0, retry_failed=True), progress=False)
+    assert (retried.skipped, retried.done, retried.failures) == (2, 2, {})  # the chunk holding it, redone whole
+    assert dataset.records[2].image_id in collect_parts(out, dataset, 2).detections
 
 
 def test_an_image_missing_from_the_store_is_recorded(scene, tmp_path):

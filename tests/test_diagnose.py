@@ -260,4 +260,4 @@ def test_bad_top_is_one_line(tmp_path, capsys):
             str(tmp_path / "d"), "--diagnose-top", "many", "--quiet"]
     assert run_tool(benchmark_map.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --diagnose-top many")
+    assert len(err) == 1 and err[0].startswith("error: argument --diagnose-top: ") and "'many'" in err[0]

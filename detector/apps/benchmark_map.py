@@ -51,6 +51,7 @@ from pathlib import Path
 from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
 from detector.base.files import check_output_file, check_output_folder
+from detector.base.jobs import Shard, default_workers
 from detector.base.options import (
     diagnose_top,
     iou,
@@ -60,7 +61,6 @@ from detector.base.options import (
     probability,
     shard,
 )
-from detector.base.pool import default_workers
 from detector.base.threads import add_threads_argument, configure_threads
 
 PROTOCOLS = ("ilsvrc", "voc", "coco")
@@ -300,7 +300,7 @@ def detect_dataset(args):
     """Model mode (``args`` from :func:`model_mode_args`): detect this shard's images into ``--out/parts``;
     when every part is there and this shard is the one to merge (:meth:`detector.base.jobs.Shard.after_run`),
     write the result file. Returns ``(result file or None when another shard merges, dataset, run summary)``."""
-    from detector.base.jobs import Shard, refuse_all_failed
+    from detector.base.jobs import refuse_all_failed
     from detector.dataset_runner import RunConfig, claim_parts_folder, detect_dataset_shard, run_settings
     from detector.device import resolve_device
     from detector.evaluation.result_files import write_result_file

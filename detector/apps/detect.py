@@ -2,7 +2,7 @@
 
     gdet-detect INPUT [INPUT ...] [--model PATH [--model PATH ...]] [--classes NAME[,NAME...]]
                 [--json OUT|-] [--out PATH] [--threshold T] [--max-proposals N] [--proposals METHOD|STORE]
-                [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--threads N]
+                [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--threads N] [--workers N] [--compile]
     (python tools/detect.py ... in a checkout runs the same code)
 
 INPUT is an image file, a folder (the image files directly inside it, sorted by name) or a quoted
@@ -34,7 +34,7 @@ from detector.base.cli import ToolParser, run_tool
 from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
 from detector.base.files import check_output_file, check_output_folder
-from detector.base.options import positive_int, probability
+from detector.base.options import non_negative_int, positive_int, probability
 from detector.base.threads import add_threads_argument, configure_threads
 
 if TYPE_CHECKING:
@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the hardware has it natively, else fp32")
+    parser.add_argument("--workers", type=non_negative_int, metavar="N",
+                        help="processes computing proposals ahead of the network when several images are "
+                             "given (default: the usable cores but one; 0: in this process)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the network through torch.compile (pays off on a GPU over many images; "
+                             "the first batches compile for a minute or more)")
     add_threads_argument(parser)
     return parser.parse_args(argv)  # a bad number is one line naming the option (its type)
 
@@ -284,21 +290,41 @@ def main(argv: list[str] | None = None) -> int:
 
     detector = load_detector(args.model or checkpoint.DEFAULT_MODEL, device=args.device,
                              precision=args.precision, proposals=proposal_source(args.proposals),
-                             max_proposals=args.max_proposals, score_threshold=args.threshold)
-    failures = []
-    with json_lines(args.json) as json_out:
-        progress = tqdm(list(zip(images, outputs)), desc="detect", unit="image", file=sys.stderr,
-                        disable=len(images) < 2)
-        for image_path, drawn in progress:
+                             max_proposals=args.max_proposals, score_threshold=args.threshold,
+                             workers=args.workers, compile=args.compile)
+    failures, kept = [], {}
+    progress = tqdm(total=len(images), desc="detect", unit="image", file=sys.stderr, disable=len(images) < 2)
+
+    def failed(image_path: str, err: UserError) -> None:
+        tqdm.write(f"error: {err}", file=sys.stderr)
+        failures.append(image_path)
+        progress.update(1)
+
+    def readable():  # (key, image, proposals, image name) for the engine; unreadable images are reported
+        for i, image_path in enumerate(images):
             try:
                 image = load_image(image_path)
-                detections = keep_classes(detector(image, image_name=image_path), classes)
-                if drawn is not None:
-                    save_image(drawn, draw_detections(image, detections))
             except UserError as err:
-                tqdm.write(f"error: {err}", file=sys.stderr)
-                failures.append(image_path)
+                failed(image_path, err)
                 continue
+            if outputs[i] is not None:
+                kept[i] = image  # to draw on
+            yield i, image, None, image_path
+
+    # one stream: the network's batches are filled across images, proposals computed ahead by --workers
+    with json_lines(args.json) as json_out, progress:
+        for i, detections in detector.detect_stream(readable(), errors="return"):
+            image_path, image = images[i], kept.pop(i, None)
+            try:
+                if isinstance(detections, UserError):
+                    raise detections
+                detections = keep_classes(detections, classes)
+                if image is not None:
+                    save_image(outputs[i], draw_detections(image, detections))
+            except UserError as err:
+                failed(image_path, err)
+                continue
+            progress.update(1)
             table = format_table(image_path, detections)
             if not len(detections):
                 table += "\n" + nothing_found(image_path, args.threshold, info, classes)

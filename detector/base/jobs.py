@@ -332,8 +332,10 @@ def run_job(items: Sequence, names: Sequence[str], work: Callable[[Any], Any], s
     start = time.perf_counter()
     work_seconds, current = 0.0, []
     with bar:
-        outcomes = imap_outcomes(work, (items[p] for p in positions), config.workers, config.pool,
-                                 config.read_ahead, initializer)
+        # a pool only for several items, and never larger than the work: a pool's start costs seconds
+        workers = min(config.workers, len(positions)) if len(positions) > 1 else 0
+        outcomes = imap_outcomes(work, (items[p] for p in positions), workers, config.pool, config.read_ahead,
+                                 initializer)
         for position, outcome in zip(positions, outcomes):
             current.append((position, outcome))
             work_seconds += outcome.seconds

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from detector.base.defaults import PROPOSAL_METHODS, SS_BACKENDS
 
-__all__ = ["comma_ints", "diagnose_top", "int_in", "iou", "json_object", "key_value", "learning_rate",
+__all__ = ["comma_ints", "diagnose_top", "int_in", "iou", "json_object", "json_value", "key_value", "learning_rate",
            "method_or_store", "non_negative_int", "non_negative_number", "number_in", "positive_int",
            "positive_number", "probability", "proposal_method", "proposal_method_backend", "seed", "shard",
            "unit_fraction"]
@@ -159,7 +159,7 @@ def key_value(text: str) -> tuple[str, object]:
 def proposal_method(text: str) -> str:
     """A type: one of the proposal methods (:data:`detector.base.defaults.PROPOSAL_METHODS`)."""
     if text not in PROPOSAL_METHODS:
-        _fail(f"unknown proposal method '{text}'; use one of {', '.join(PROPOSAL_METHODS)}")
+        _fail(f"unknown method '{text}'; use a proposal method: {', '.join(PROPOSAL_METHODS)}")
     return text
 
 
@@ -179,4 +179,5 @@ def method_or_store(text: str) -> str:
     """A type: a proposal method, or the path of something that exists (a precomputed store)."""
     if text in PROPOSAL_METHODS or os.path.exists(text):
         return text
-    _fail(f"'{text}' is neither a proposal method ({', '.join(PROPOSAL_METHODS)}) nor an existing proposal store")
+    _fail(f"'{text}': no proposal store here, and not a proposal method ({', '.join(PROPOSAL_METHODS)}); give "
+          "one or the other")

@@ -387,6 +387,178 @@ def plot_curves(records: list[dict], path: Path, metric: str) -> None:
     plt.close(fig)
 
 
+class _Run:
+    """One training run's state and its named steps (see :func:`train`): the model (and its DDP wrapper),
+    the optimizer and gradient scaler, the best metric so far, the metrics log and the speed window."""
+
+    def __init__(self, model: nn.Module, loss_fn, config: EngineConfig, ctx: DistContext, model_config: dict,
+                 resume_key: dict, evaluate, items_per_batch: int | None, report: Callable[[str], None]):
+        self.model, self.loss_fn, self.config, self.ctx = model, loss_fn, config, ctx
+        self.model_config, self.resume_key, self.evaluator = model_config, resume_key, evaluate
+        self.items_per_batch, self.report = items_per_batch, report
+        self.out_dir, self.total = Path(config.out_dir), config.schedule.iterations
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        barrier(ctx)
+        seed_everything(config.seed)
+        model.to(ctx.device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(config.schedule, 0),
+                                         momentum=config.momentum, weight_decay=config.weight_decay)
+        self.autocast, use_scaler = _autocast(config.amp, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if use_scaler else None
+        self.best_metric, self.best_iteration = None, None
+        self.train_model, self.log = model, None
+        self.window: list[dict] = []
+        self.t0 = self.window_t = time.perf_counter()
+
+    def restore(self, resume: str | Path) -> int:
+        """Continue from a saved state (its settings must be this run's); returns its iteration."""
+        state = load_train_state(resume, report=self.report)
+        saved_key = state.get("resume_key", {})
+        # a whole group of settings that an older version did not record cannot be compared: said, not refused
+        unrecorded = [k for k, v in self.resume_key.items() if isinstance(v, dict) and k not in saved_key]
+        for k in unrecorded:
+            self.report(f"warning: '{resume}' does not record the {k} settings (written by an older version); "
+                        "make sure they are those of its run")
+        diffs = _differences(saved_key, {k: v for k, v in self.resume_key.items() if k not in unrecorded})
+        if diffs:
+            raise UserError(f"cannot resume from '{resume}': it was written with a different configuration ("
+                            + "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+                            + "); resume with the same settings or start a new run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        self.best_metric, self.best_iteration = state.get("best_metric"), state.get("best_iteration")
+        restore_rng_state(state["rng"])
+        if start > self.total:
+            raise UserError(f"cannot resume from '{resume}': it is at iteration {start}, past the {self.total} "
+                            "iterations asked for; raise --iterations")
+        self.report(f"resumed from iteration {start} of {self.total}")
+        return start
+
+    def begin(self, start: int, resumed: bool) -> None:
+        """Wrap the model for DDP, open the metrics log (rank 0), and set training mode."""
+        if self.ctx.distributed:
+            device = self.ctx.device
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.ctx.is_main:
+            self.log = MetricsLog(self.out_dir / "metrics.jsonl", start if resumed else None, report=self.report)
+        self.t0 = self.window_t = time.perf_counter()
+        self.model.train()
+
+    def step(self, iteration: int, batch) -> float:
+        """One SGD step on ``batch`` at ``iteration``'s learning rate; returns that rate."""
+        lr = learning_rate(self.config.schedule, iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, self.ctx.device)
+        with self.autocast:
+            loss, parts = self.loss_fn(self.train_model, batch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the loss is {float(loss.detach())} at iteration {iteration}; lower the learning rate "
+                               "or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.window.append({"loss": float(loss.detach()), **parts})
+        return lr
+
+    def log_window(self, done: int, lr: float, bar) -> None:
+        """A line of ``metrics.jsonl``: the means of the losses since the last line (over all processes)."""
+        now = time.perf_counter()
+        window = self.window
+        means = {k: float(np.nanmean([w[k] for w in window])) if any(not math.isnan(w[k]) for w in window)
+                 else float("nan") for k in window[0]}
+        means = all_reduce_mean(means, self.ctx)
+        speed = len(window) / max(now - self.window_t, 1e-9)
+        record = {"iteration": done, "lr": lr, **means, "it_per_s": speed}
+        if self.items_per_batch:
+            record["items_per_s"] = speed * self.items_per_batch * self.ctx.world_size
+        record["elapsed_s"] = now - self.t0
+        if self.log is not None:
+            self.log.write(record)
+        postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{lr:.2g}"}
+        if self.items_per_batch:
+            postfix["items/s"] = f"{record['items_per_s']:.0f}"
+        bar.set_postfix(postfix)
+        self.window, self.window_t = [], now
+
+    def _checkpoint_config(self, iteration: int, **extra) -> dict:
+        return {**self.model_config, "training": {**self.model_config.get("training", {}), "iteration": iteration,
+                                                  "iterations": self.total, **extra}}
+
+    def save(self, iteration: int) -> None:
+        """``last`` (and an ``iter_NNNNNN`` snapshot when asked) and ``last.state.pt`` (rank 0)."""
+        if not self.ctx.is_main:
+            return
+        cfg = self._checkpoint_config(iteration)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        bad = _non_finite(weights)
+        if bad:  # never replace the last good state with a broken one
+            raise UserError(f"the weights hold NaN or infinity at iteration {iteration} ({len(bad)} tensors, e.g. "
+                            f"{bad[0]}); the last good checkpoint in '{self.out_dir}' is kept; lower the learning "
+                            "rate or check the data")
+        save_checkpoint(self.out_dir / "last.safetensors", weights, cfg)
+        if self.config.keep_snapshots:
+            save_checkpoint(self.out_dir / f"iter_{iteration:06d}.safetensors", weights, cfg)
+        state = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "iteration": iteration,
+            "model": weights, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "schedule": asdict(self.config.schedule), "resume_key": self.resume_key, "rng": capture_rng_state(),
+            "best_metric": self.best_metric, "best_iteration": self.best_iteration,
+        }
+        state["sha256"] = state_digest(state)
+        atomic_torch_save(state, self.out_dir / "last.state.pt")
+
+    def evaluate(self, iteration: int) -> None:
+        """Evaluate on rank 0 (the random streams untouched), keep ``best`` if the metric improved, log it."""
+        config = self.config
+        if self.ctx.is_main:
+            rng = capture_rng_state()  # evaluation must not shift the training's random streams
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                results = dict(self.evaluator(self.model))
+            self.model.train(was_training)
+            restore_rng_state(rng)
+            value = results.get(config.metric)
+            improved = value is not None and not math.isnan(value) and (
+                self.best_metric is None or value > self.best_metric)
+            if improved:
+                self.best_metric, self.best_iteration = float(value), iteration
+                save_checkpoint(self.out_dir / "best.safetensors",
+                                {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                                self._checkpoint_config(iteration, **{f"val_{config.metric}": self.best_metric}))
+            self.log.write({"iteration": iteration, "eval": results, "best": improved})
+            self.report(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                                                             if isinstance(v, (int, float)))
+                        + (" (best)" if improved else ""))
+            plot_curves(self.log.read(), self.out_dir / "curves.png", config.metric)
+        self.best_metric, self.best_iteration = broadcast_object((self.best_metric, self.best_iteration), self.ctx)
+        barrier(self.ctx)
+
+    def finish(self) -> TrainResult:
+        if self.ctx.is_main:
+            plot_curves(self.log.read(), self.out_dir / "curves.png", self.config.metric)
+        barrier(self.ctx)
+        return TrainResult(self.total, self.best_metric, self.best_iteration, time.perf_counter() - self.t0,
+                           self.out_dir)
+
+
 def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]],
           config: EngineConfig, ctx: DistContext = DistContext(), *, model_config: dict | None = None,
           resume_key: dict | None = None, evaluate: Callable[[nn.Module], dict] | None = None,
@@ -401,170 +573,28 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     resume: a run directory or a ``last.state.pt`` to continue from.
     items_per_batch: items (regions, images) per batch and process, for the speed shown.
     """
-    out_dir = Path(config.out_dir)
-    device = ctx.device
-    total = config.schedule.iterations
-    model_config = dict(model_config or {})
-    resume_key = json.loads(json.dumps(resume_key or {}))  # normalized as stored: tuples -> lists
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
-
-    seed_everything(config.seed)
-    model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(config.schedule, 0),
-                                momentum=config.momentum, weight_decay=config.weight_decay)
-    start, best_metric, best_iteration = 0, None, None
-    autocast, use_scaler = _autocast(config.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-
-    if resume is not None:
-        state = load_train_state(resume, report=report)
-        saved_key = state.get("resume_key", {})
-        # a whole group of settings that an older version did not record cannot be compared: said, not refused
-        unrecorded = [k for k, v in resume_key.items() if isinstance(v, dict) and k not in saved_key]
-        for k in unrecorded:
-            report(f"warning: '{resume}' does not record the {k} settings (written by an older version); "
-                   "make sure they are those of its run")
-        diffs = _differences(saved_key, {k: v for k, v in resume_key.items() if k not in unrecorded})
-        if diffs:
-            raise UserError(f"cannot resume from '{resume}': it was written with a different configuration ("
-                            + "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
-                            + "); resume with the same settings or start a new run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["iteration"])
-        best_metric, best_iteration = state.get("best_metric"), state.get("best_iteration")
-        restore_rng_state(state["rng"])
-        if start > total:
-            raise UserError(f"cannot resume from '{resume}': it is at iteration {start}, past the {total} "
-                            "iterations asked for; raise --iterations")
-        report(f"resumed from iteration {start} of {total}")
-
-    train_model = model
-    if ctx.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    log = (MetricsLog(out_dir / "metrics.jsonl", start if resume is not None else None, report=report)
-           if ctx.is_main else None)
-
-    def save(iteration: int, snapshot: bool) -> None:
-        if not ctx.is_main:
-            return
-        cfg = {**model_config, "training": {**model_config.get("training", {}), "iteration": iteration,
-                                            "iterations": total}}
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        bad = _non_finite(weights)
-        if bad:  # never replace the last good state with a broken one
-            raise UserError(f"the weights hold NaN or infinity at iteration {iteration} ({len(bad)} tensors, e.g. "
-                            f"{bad[0]}); the last good checkpoint in '{out_dir}' is kept; lower the learning rate "
-                            "or check the data")
-        save_checkpoint(out_dir / "last.safetensors", weights, cfg)
-        if snapshot:
-            save_checkpoint(out_dir / f"iter_{iteration:06d}.safetensors", weights, cfg)
-        state = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "iteration": iteration,
-            "model": weights, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "schedule": asdict(config.schedule), "resume_key": resume_key, "rng": capture_rng_state(),
-            "best_metric": best_metric, "best_iteration": best_iteration,
-        }
-        state["sha256"] = state_digest(state)
-        atomic_torch_save(state, out_dir / "last.state.pt")
-
-    def run_eval(iteration: int) -> None:
-        nonlocal best_metric, best_iteration
-        if ctx.is_main:
-            rng = capture_rng_state()  # evaluation must not shift the training's random streams
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                results = dict(evaluate(model))
-            model.train(was_training)
-            restore_rng_state(rng)
-            value = results.get(config.metric)
-            improved = value is not None and not math.isnan(value) and (best_metric is None or value > best_metric)
-            if improved:
-                best_metric, best_iteration = float(value), iteration
-                cfg = {**model_config, "training": {**model_config.get("training", {}), "iteration": iteration,
-                                                    "iterations": total, f"val_{config.metric}": best_metric}}
-                save_checkpoint(out_dir / "best.safetensors",
-                                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, cfg)
-            log.write({"iteration": iteration, "eval": results, "best": improved})
-            report(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
-                                                        if isinstance(v, (int, float)))
-                   + (" (best)" if improved else ""))
-            plot_curves(log.read(), out_dir / "curves.png", config.metric)
-        best = broadcast_object((best_metric, best_iteration), ctx)
-        best_metric, best_iteration = best
-        barrier(ctx)
-
+    run = _Run(model, loss_fn, config, ctx, dict(model_config or {}),
+               json.loads(json.dumps(resume_key or {})),  # normalized as stored: tuples -> lists
+               evaluate, items_per_batch, report)
+    start = run.restore(resume) if resume is not None else 0
+    total = run.total
+    run.begin(start, resumed=resume is not None)
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, disable=not (ctx.is_main and config.progress), dynamic_ncols=True,
-               desc="train", unit="it")
-    t0 = time.perf_counter()
-    window_t = t0
-    window: list[dict] = []
-    model.train()
-    try:
+    with tqdm(total=total, initial=start, disable=not (ctx.is_main and config.progress), dynamic_ncols=True,
+              desc="train", unit="it") as bar:
         for iteration, batch in enumerate(_batches(source, start, total, config.num_workers), start=start):
-            lr = learning_rate(config.schedule, iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = to_device(batch, device)
-            with autocast:
-                loss, parts = loss_fn(train_model, batch)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"the loss is {float(loss.detach())} at iteration {iteration}; lower the learning rate "
-                                   "or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            window.append({"loss": float(loss.detach()), **parts})
+            lr = run.step(iteration, batch)
             done = iteration + 1
             bar.update(1)
             if done % config.log_every == 0 or done == total:
-                now = time.perf_counter()
-                means = {k: float(np.nanmean([w[k] for w in window])) if any(not math.isnan(w[k]) for w in window)
-                         else float("nan") for k in window[0]}
-                means = all_reduce_mean(means, ctx)
-                speed = len(window) / max(now - window_t, 1e-9)
-                record = {"iteration": done, "lr": lr, **means, "it_per_s": speed}
-                if items_per_batch:
-                    record["items_per_s"] = speed * items_per_batch * ctx.world_size
-                record["elapsed_s"] = now - t0
-                if log is not None:
-                    log.write(record)
-                postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{lr:.2g}"}
-                if items_per_batch:
-                    postfix["items/s"] = f"{record['items_per_s']:.0f}"
-                bar.set_postfix(postfix)
-                window, window_t = [], now
+                run.log_window(done, lr, bar)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
-                save(done, config.keep_snapshots)
+                run.save(done)
             if evaluate is not None and config.eval_every and done % config.eval_every == 0 and done < total:
-                run_eval(done)
-    finally:
-        bar.close()
+                run.evaluate(done)
     if start < total or resume is None:
-        save(total, config.keep_snapshots)
+        run.save(total)
     if evaluate is not None:
-        run_eval(total)
-    if ctx.is_main:
-        plot_curves(log.read(), out_dir / "curves.png", config.metric)
-    barrier(ctx)
-    return TrainResult(total, best_metric, best_iteration, time.perf_counter() - t0, out_dir)
+        run.evaluate(total)
+    return run.finish()
