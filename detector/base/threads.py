@@ -43,9 +43,11 @@ def usable_cores() -> int:
 def default_threads() -> int:
     """Intra-op threads when the user names none: the usable cores, capped at ``MAX_DEFAULT_THREADS``.
 
-    With the passive wait policy more threads than free cores cost little (``bench_threads.py``), so
-    the default does not shrink with the machine's load; the cap keeps a many-core machine's detection
-    from spreading small batches over threads that mostly wait.
+    Measured with ``benchmarks/bench_threads.py`` (2 cores, other jobs at load 5-14): with passive
+    waiting, 2 threads were 0.46x the one-thread time per photo beside 2 CPU-bound processes and 0.99x
+    without them, where 2 spin-waiting threads took over 4x. So the default does not shrink with the
+    machine's load (a load-based count would have chosen 1 thread both times). The cap is a guess, not
+    a measurement: a detection batch of 64 small crops has little to share among more threads.
     """
     return min(usable_cores(), MAX_DEFAULT_THREADS)
 
