@@ -138,8 +138,10 @@ def test_prepare_for_inference_fp32_is_exact_and_refuses_int_dtypes():
 
 @pytest.mark.parametrize("backend", [
     "eager",  # dynamo's tracing of the model alone: seconds
-    # inductor's C++ kernels: minutes on 2 shared cores (10 min at load 10)
-    pytest.param("inductor", marks=pytest.mark.slow),
+    # inductor's C++ kernels: about 10 minutes on 2 shared cores, too long for every CI run; run it with
+    # GDET_TEST_INDUCTOR=1 (passed at load 10 on this machine) or on a GPU machine
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+        os.environ.get("GDET_TEST_INDUCTOR") != "1", reason="set GDET_TEST_INDUCTOR=1 to compile with inductor")]),
 ])
 def test_prepare_for_inference_compiled_matches_eager(backend):
     from detector.classifier import prepare_for_inference
