@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.base.errors import UserError
-from detector.base.io import load_image
+from detector.base.io import load_image_item
 from detector.base.jobs import PROCESSES, THREADS, ItemFailed
 from detector.proposal_source import ProposalSettings, source_proposals
 
@@ -32,12 +32,7 @@ def load_with_proposals(task: ImageTask, settings: ProposalSettings) -> tuple[np
     """The image (RGB ``uint8 (H, W, 3)``) and its proposals (float32 ``(N, 4)`` xyxy pixels, best first,
     not yet clipped or limited). What an image can cause raises :class:`~detector.base.jobs.ItemFailed`
     with the reason the job records."""
-    try:
-        image = load_image(task.path)
-    except UserError as err:
-        raise ItemFailed(str(err)) from None
-    except Exception as err:  # noqa: BLE001 - anything else a file can cause is recorded too
-        raise ItemFailed(f"cannot read image: {type(err).__name__}: {err}") from None
+    image = load_image_item(task.path)
     try:
         boxes = source_proposals(image, settings, task.name, task.image_id)
     except UserError as err:
@@ -50,10 +45,3 @@ def load_with_proposals(task: ImageTask, settings: ProposalSettings) -> tuple[np
 def reading_pool(settings: ProposalSettings) -> str:
     """:data:`~detector.base.jobs.PROCESSES` for computed proposals, :data:`~detector.base.jobs.THREADS` for a store."""
     return PROCESSES if settings.computed else THREADS
-
-
-def worker_setup() -> None:
-    """Each worker: OpenCV in one thread (the pool is the parallelism)."""
-    import cv2  # Selective Search's dependency, imported by the worker only to set its threads
-
-    cv2.setNumThreads(1)

@@ -52,11 +52,12 @@ from detector.base.jobs import (
     Shard,
     claim_manifest,
     missing_chunks,
+    opencv_single_thread,
     run_job,
     wait_for_chunks,
 )
 from detector.data.records import Dataset
-from detector.dataset_reader import ImageTask, load_with_proposals, reading_pool, worker_setup
+from detector.dataset_reader import ImageTask, load_with_proposals, reading_pool
 from detector.evaluation.result_files import write_result_file
 from detector.pipeline import STAGES, Detections, Detector, label_map
 
@@ -243,7 +244,7 @@ def run_detection(detector: Detector, dataset: Dataset, parts_dir: str | os.Path
     tasks = [ImageTask(str(dataset.image_path(r)), r.file_name, r.image_id) for r in dataset.records]
     report = run_job(tasks, [r.file_name for r in dataset.records],
                      partial(load_with_proposals, settings=detector.proposals), sink, job,
-                     initializer=worker_setup if pool == PROCESSES else None)
+                     initializer=opencv_single_thread if pool == PROCESSES else None)
     report.timings = {"proposals": report.timings.pop("work"), **sink.timings}
     return report
 

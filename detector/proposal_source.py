@@ -23,7 +23,14 @@ import numpy as np
 
 from detector.base.defaults import MAX_PROPOSALS, PROPOSAL_METHOD
 from detector.base.errors import UserError
-from detector.base.jobs import PROCESSES, Outcome, attempt, default_workers, imap_outcomes
+from detector.base.jobs import (
+    PROCESSES,
+    Outcome,
+    attempt,
+    default_workers,
+    imap_outcomes,
+    opencv_single_thread,
+)
 from proposals.propose import propose
 from proposals.store import lookup_keys
 
@@ -93,13 +100,6 @@ def source_proposals(image: np.ndarray, settings: ProposalSettings, image_name: 
     return np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
-def _worker_setup() -> None:
-    """Each worker process: OpenCV in one thread (the pool is the parallelism)."""
-    import cv2  # OpenCV is Selective Search's dependency; imported here only to set its threads
-
-    cv2.setNumThreads(1)
-
-
 def _computed(image: np.ndarray | None, settings: ProposalSettings) -> np.ndarray | None:
     """In a worker: the proposals of ``image`` (``None``: the caller has them already)."""
     return None if image is None else source_proposals(image, settings)
@@ -120,4 +120,4 @@ def proposal_stream(images: Iterable[np.ndarray | None], settings: ProposalSetti
     work = partial(_computed, settings=settings)
     if workers == 0:
         return (attempt(work, image) for image in images)
-    return imap_outcomes(work, images, workers, PROCESSES, initializer=_worker_setup)
+    return imap_outcomes(work, images, workers, PROCESSES, initializer=opencv_single_thread)

@@ -33,7 +33,7 @@ import numpy as np
 
 from detector.base.errors import UserError
 from detector.base.files import text_lines
-from detector.base.io import load_image
+from detector.base.io import load_image_item
 from detector.base.jobs import (
     PROCESSES,
     ItemFailed,
@@ -42,6 +42,7 @@ from detector.base.jobs import (
     Outcome,
     Shard,
     claim_manifest,
+    opencv_single_thread,
     run_job,
 )
 from proposals.propose import propose
@@ -139,22 +140,10 @@ def _resolve(path: str) -> str:
     return path
 
 
-def _init_worker() -> None:
-    """Each worker process: OpenCV in one thread (the pool is the parallelism)."""
-    import cv2  # Selective Search's dependency, imported by the worker only to set its threads
-
-    cv2.setNumThreads(1)
-
-
 def propose_entry(entry: ImageEntry, method: str, options: dict) -> ImageProposals:
     """The job's work (in a worker): load one image and propose; what an image can cause is an
     :class:`~detector.base.jobs.ItemFailed` whose message is the recorded reason."""
-    try:
-        image = load_image(_resolve(entry.path))
-    except UserError as err:
-        raise ItemFailed(str(err)) from None
-    except Exception as err:  # noqa: BLE001 - anything else a file can cause is recorded too
-        raise ItemFailed(f"cannot read image: {type(err).__name__}: {err}") from None
+    image = load_image_item(_resolve(entry.path))
     try:
         result = propose(image, method, **options)
     except Exception as err:  # noqa: BLE001 - recorded, listed, and the run goes on
@@ -234,7 +223,7 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
                     pool=PROCESSES, retry_failed=config.retry_failed, progress=progress, desc="proposals")
     work = partial(propose_entry, method=config.method, options=dict(config.options))
     report = run_job(entries, [e.name for e in entries], work, StoreSink(out, entries, meta), job,
-                     initializer=_init_worker)
+                     initializer=opencv_single_thread)
     report.notes[:0] = notes
     if report.complete:
         compact(out)

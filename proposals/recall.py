@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.base.boxes import box_iou
-from detector.base.files import atomic_path
 from detector.base.io import load_image
+from detector.base.plots import pyplot, save_figure
 from proposals.propose import propose
 from proposals.store import ProposalStore
 
@@ -167,10 +167,7 @@ def format_table(results: dict) -> str:
 
 def plot_recall(results: dict, path: str, title: str = "") -> None:
     """PNG of recall (IoU 0.5 solid, 0.7 dashed) against the number of proposals per image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, (label, r) in enumerate(results.items()):
@@ -186,6 +183,4 @@ def plot_recall(results: dict, path: str, title: str = "") -> None:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.base.defaults import PROPOSAL_METHODS
 from detector.base.errors import UserError
 from proposals.part import (  # the part-level names are re-exported: this is the module users import
     MAGIC,
@@ -38,8 +39,17 @@ from proposals.part import (  # the part-level names are re-exported: this is th
 )
 
 __all__ = ["MAGIC", "QUANT", "REPAIR", "SUFFIX", "DamagedPart", "ImageProposals", "Part", "ProposalStore",
-           "VerifyReport", "clean_temporary", "compact", "decode_boxes", "encode_boxes", "merge", "part_files",
-           "set_aside_damaged", "verify", "write_part"]
+           "VerifyReport", "clean_temporary", "compact", "decode_boxes", "encode_boxes", "merge",
+           "open_proposal_source", "part_files", "set_aside_damaged", "verify", "write_part"]
+
+
+def open_proposal_source(value: str | os.PathLike | None) -> str | ProposalStore | None:
+    """A tool's ``--proposals``: ``None`` (the checkpoint's method) and a method name
+    (:data:`detector.base.defaults.PROPOSAL_METHODS`) as they are, anything else the
+    :class:`ProposalStore` at that path (:class:`UserError` if there is none)."""
+    if value is None or value in PROPOSAL_METHODS:
+        return value
+    return ProposalStore(value)
 
 
 def lookup_keys(name: str | os.PathLike | None, image_id: object = None) -> list[str]:

@@ -78,6 +78,7 @@ def imports() -> list[dict]:
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
+            first = _first_of_block(node, parents)
             parent, in_function = parents.get(node), False
             while parent is not None:
                 if isinstance(parent, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -92,11 +93,27 @@ def imports() -> list[dict]:
                     resolved = resolved.rpartition(".")[0]
                 if resolved == module:
                     continue
-                here, above = lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""
                 found.append({"module": module, "target": resolved, "name": name, "line": node.lineno,
                               "in_function": in_function,
-                              "reason": "#" in here or above.strip().startswith("#")})
+                              "reason": _commented(node, lines) or _commented(first, lines)})
     return found
+
+
+def _first_of_block(node: ast.stmt, parents: dict) -> ast.stmt:
+    """The first of the run of import statements ``node`` belongs to (statements one after the other in
+    the same body): one comment above a function's block of imports gives the reason for all of them."""
+    body = next((getattr(parents.get(node), f) for f in ("body", "orelse", "finalbody")
+                 if node in getattr(parents.get(node), f, ())), [node])
+    i = body.index(node)
+    while i > 0 and isinstance(body[i - 1], (ast.Import, ast.ImportFrom)):
+        i -= 1
+    return body[i]
+
+
+def _commented(node: ast.stmt, lines: list[str]) -> bool:
+    """A comment on the statement's first line or on the line above it."""
+    here, above = lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""
+    return "#" in here or above.strip().startswith("#")
 
 
 IMPORTS = imports()
@@ -165,10 +182,10 @@ def test_no_private_names_cross_modules():
 
 
 def test_function_local_project_imports_give_a_reason():
-    # the apps' reason is one for all: they import the library inside main(), after parsing, so that
-    # --help and a bad flag answer at once, without torch
+    # the apps too: they import what brings in torch or numba inside a function, after parsing, so that
+    # --help and a bad flag answer at once; everything lighter is imported at the top
     silent = [f"{i['module']}:{i['line']} imports {i['target']}" for i in IMPORTS
-              if i["in_function"] and not i["reason"] and layer_of(i["module"]) != "apps"]
+              if i["in_function"] and not i["reason"]]
     assert not silent, ("function-local project imports without a comment saying why (an optional heavy "
                         "dependency), or move them to the top of the module:\n" + "\n".join(silent))
 

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from detector.base.errors import UserError
-from detector.training.engine import EngineConfig, load_train_state, state_digest, train
+from detector.training.engine import EngineConfig, train
 from detector.training.schedule import ScheduleConfig
+from detector.training.state import load_train_state, state_digest
 
 
 class TinyNet(nn.Module):

@@ -143,8 +143,8 @@ def test_bad_settings_are_one_line(chess, tmp_path, flag, value, message, capsys
 
 
 def test_resume_compares_every_proposal_setting(tmp_path):
-    from detector.training.engine import _differences
     from detector.training.rcnn import ProposalConfig, proposal_settings
+    from detector.training.state import differences
     from proposals.store import ImageProposals, write_part
 
     def settings(**kw):
@@ -156,13 +156,13 @@ def test_resume_compares_every_proposal_setting(tmp_path):
         return str(tmp_path / folder)
 
     base = settings()
-    assert _differences(base, settings()) == []
-    assert _differences(base, settings(method="ss-quality")) == ["method: 'ss-fast' in the file, 'ss-quality' now"]
-    assert _differences(base, settings(options={"max_side": 120})) == ["options.max_side: 200 in the file, 120 now"]
-    assert _differences(base, settings(max_proposals=100)) and _differences(base, settings(eval_max_proposals=5))
+    assert differences(base, settings()) == []
+    assert differences(base, settings(method="ss-quality")) == ["method: 'ss-fast' in the file, 'ss-quality' now"]
+    assert differences(base, settings(options={"max_side": 120})) == ["options.max_side: 200 in the file, 120 now"]
+    assert differences(base, settings(max_proposals=100)) and differences(base, settings(eval_max_proposals=5))
     with_store = settings(store=store("s", 200))
-    assert [d.split(":")[0] for d in _differences(base, with_store)] == ["store"]  # a store instead of computing
-    assert _differences(with_store, settings(store=store("copy", 200))) == []  # a copied or moved store resumes
-    assert _differences(with_store, settings(store=store("other", 500))) == [
+    assert [d.split(":")[0] for d in differences(base, with_store)] == ["store"]  # a store instead of computing
+    assert differences(with_store, settings(store=store("copy", 200))) == []  # a copied or moved store resumes
+    assert differences(with_store, settings(store=store("other", 500))) == [
         "store.options.max_side: 200 in the file, 500 now"]
-    assert _differences(base, settings(cache_dir=str(tmp_path / "cache"))) == []  # a cache changes no result
+    assert differences(base, settings(cache_dir=str(tmp_path / "cache"))) == []  # a cache changes no result

@@ -48,10 +48,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from detector.base.checkpoint import NO_DEFAULT_MODEL
 from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
-from detector.base.files import check_output_file, check_output_folder
-from detector.base.jobs import Shard, default_workers
+from detector.base.files import atomic_write, check_output_file, check_output_folder
+from detector.base.jobs import Shard, default_workers, refuse_all_failed
 from detector.base.options import (
     diagnose_top,
     iou,
@@ -62,6 +63,25 @@ from detector.base.options import (
     shard,
 )
 from detector.base.threads import add_threads_argument, configure_threads
+from detector.base.vocab import ilsvrc_det_vocabulary, read_meta_det
+from detector.data import read_coco, read_ilsvrc_det, read_voc
+from detector.data.ilsvrc import read_image_list
+from detector.data.records import Dataset, ImageRecord
+from detector.evaluation import (
+    coco_results_to_detections,
+    evaluate_coco,
+    evaluate_ilsvrc,
+    evaluate_voc,
+    plot_results,
+    read_ilsvrc_predictions,
+    read_voc_predictions,
+    save_json,
+)
+from detector.evaluation.diagnose import DiagnoseConfig, diagnose, save_diagnosis_json
+from detector.evaluation.diagnose_report import format_diagnosis, plot_diagnosis
+from detector.evaluation.result_files import write_result_file
+from detector.evaluation.submission import predictions_to_detections
+from proposals.store import open_proposal_source
 
 PROTOCOLS = ("ilsvrc", "voc", "coco")
 PLOT_FILES = ("pr_curves.png", "ap_per_class.png")  # what --plot DIR receives (detector.evaluation.report)
@@ -139,8 +159,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_ground_truth(args):
     """The dataset of ``--annotations`` in ``--gt-format``."""
-    from detector.data import read_coco, read_ilsvrc_det, read_voc
-
     fmt = args.gt_format or args.protocol
     if fmt == "ilsvrc":
         if args.image_list is None:
@@ -156,8 +174,6 @@ def ilsvrc_vocabulary(args):
     """The classes of ``--meta`` (a devkit meta_det.mat), or None for the shipped 200 DET classes."""
     if args.meta is None:
         return None
-    from detector.base.vocab import read_meta_det
-
     if not args.meta.is_file():
         raise UserError(f"{args.meta}: meta file not found")
     try:
@@ -168,10 +184,6 @@ def ilsvrc_vocabulary(args):
 
 def listed_images(args):
     """The images of ``--image-list`` without ground truth (an ILSVRC test list): detection only."""
-    from detector.base.vocab import ilsvrc_det_vocabulary
-    from detector.data.ilsvrc import read_image_list
-    from detector.data.records import Dataset, ImageRecord
-
     if args.image_list is None:
         raise UserError("--image-list is required for --dataset ilsvrc (e.g. data/det_lists/test.txt)")
     records = [ImageRecord(image_id=image_id, file_name=f"{name}.JPEG")
@@ -184,9 +196,6 @@ def load_predictions(args, dataset, in_memory: bool = False):
     """Detections of ``--predictions`` in the ground truth's format: a path the evaluator reads itself when
     that is exact (ILSVRC files for ILSVRC, COCO results for COCO) unless ``in_memory``, else an in-memory
     mapping."""
-    from detector.evaluation import coco_results_to_detections, read_ilsvrc_predictions, read_voc_predictions
-    from detector.evaluation.submission import predictions_to_detections
-
     fmt = args.gt_format or args.protocol
     if fmt == "ilsvrc":
         if args.protocol == "ilsvrc" and not in_memory:
@@ -202,8 +211,6 @@ def load_predictions(args, dataset, in_memory: bool = False):
 
 
 def evaluate(args, dataset, detections):
-    from detector.evaluation import evaluate_coco, evaluate_ilsvrc, evaluate_voc
-
     if args.protocol == "ilsvrc":
         return evaluate_ilsvrc(dataset, detections, strict_boxes=args.strict, progress=not args.quiet)
     if args.protocol == "voc":
@@ -213,8 +220,6 @@ def evaluate(args, dataset, detections):
 
 
 def report(args, result) -> None:
-    from detector.evaluation import plot_results, save_json
-
     print(result.table(max_rows=args.rows))
     if args.json:
         save_json(result, args.json)
@@ -226,8 +231,6 @@ def report(args, result) -> None:
 
 def diagnose_config(args):
     """The ``DiagnoseConfig`` of ``--iou`` and ``--diagnose-top``."""
-    from detector.evaluation.diagnose import DiagnoseConfig
-
     try:
         return DiagnoseConfig(iou_threshold=args.iou, top=args.diagnose_top)  # None: all (checked by its type)
     except ValueError:
@@ -237,9 +240,6 @@ def diagnose_config(args):
 def diagnose_report(args, dataset, detections) -> None:
     """``--diagnose DIR``: the false-positive analysis of the detections (a mapping, or the file the
     evaluator read), printed and written into DIR."""
-    from detector.evaluation.diagnose import diagnose, save_diagnosis_json
-    from detector.evaluation.diagnose_report import format_diagnosis, plot_diagnosis
-
     if not isinstance(detections, dict):  # the file the evaluator read itself
         detections = load_predictions(args, dataset, in_memory=True)
     diagnosis = diagnose(dataset, detections, diagnose_config(args))
@@ -260,15 +260,8 @@ def show_warnings():
         yield
 
 
-def open_proposals(value: str | None):
-    """``--proposals``: None (the checkpoint's method), a method name, or a store folder."""
-    from proposals import METHODS, ProposalStore
-
-    return value if value is None or value in METHODS else ProposalStore(value)
-
-
 def model_paths(values: list[str]) -> list[Path]:
-    from detector.pipeline import NO_DEFAULT_MODEL, default_model
+    from detector.pipeline import default_model  # torch: model mode only
 
     paths = []
     for value in values:
@@ -300,10 +293,9 @@ def detect_dataset(args):
     """Model mode (``args`` from :func:`model_mode_args`): detect this shard's images into ``--out/parts``;
     when every part is there and this shard is the one to merge (:meth:`detector.base.jobs.Shard.after_run`),
     write the result file. Returns ``(result file or None when another shard merges, dataset, run summary)``."""
-    from detector.base.jobs import refuse_all_failed
+    # the engine (torch, numba) only here, in model mode: evaluating a file never imports torch
     from detector.dataset_runner import RunConfig, claim_parts_folder, detect_dataset_shard, run_settings
     from detector.device import resolve_device
-    from detector.evaluation.result_files import write_result_file
     from detector.pipeline import load_detector
 
     shard = Shard.parse(args.shard)
@@ -315,7 +307,7 @@ def detect_dataset(args):
     if args.images is not None and args.dataset != "coco":
         dataset.image_root = args.images
     detector = load_detector(paths, device=device, precision=args.precision, batch_size=args.batch_size,
-                             proposals=open_proposals(args.proposals), max_proposals=args.max_proposals,
+                             proposals=open_proposal_source(args.proposals), max_proposals=args.max_proposals,
                              score_threshold=args.threshold, compile=args.compile)
     parts = claim_parts_folder(args.out / "parts", run_settings(paths, detector, dataset, config.chunk_size))
     run, merged = detect_dataset_shard(detector, dataset, parts, config, progress=not args.quiet)
@@ -379,8 +371,6 @@ def check_outputs(args) -> None:
 
 
 def model_mode(args) -> int:
-    from detector.base.files import atomic_write
-
     run = model_mode_args(args)
     with show_warnings():
         path, dataset, summary = detect_dataset(run)

@@ -29,13 +29,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from tqdm import tqdm
+
 import detector.base.checkpoint as checkpoint
 from detector.base.cli import ToolParser, run_tool
 from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
 from detector.base.files import check_output_file, check_output_folder
-from detector.base.options import non_negative_int, positive_int, probability
+from detector.base.io import IMAGE_EXTENSIONS, load_image
+from detector.base.options import method_or_store, non_negative_int, positive_int, probability
 from detector.base.threads import add_threads_argument, configure_threads
+from detector.draw import draw_detections, save_image
+from proposals.store import open_proposal_source
 
 if TYPE_CHECKING:
     from detector.pipeline import Detections
@@ -70,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="report detections with score in [T, 1] (default 0.5; 0.05 for evaluation)")
     parser.add_argument("--max-proposals", type=positive_int, metavar="N",
                         help="classify at most N proposals per image (default: the checkpoint's)")
-    parser.add_argument("--proposals", metavar="METHOD|STORE",
+    parser.add_argument("--proposals", metavar="METHOD|STORE", type=method_or_store,
                         help="proposal method (ss-fast, ss-quality, ...) or a precomputed proposal store "
                              "(default: the checkpoint's method)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -91,8 +96,6 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     image); a folder as the image files directly inside it, sorted by name; a pattern (``*``, ``?``,
     ``[``; ``**`` for any depth) as the image files it matches, sorted. A folder or pattern that yields no
     image is an error before any work."""
-    from detector.base.io import IMAGE_EXTENSIONS  # numpy and Pillow: not for --help
-
     paths = []
     for value in inputs:
         if os.path.isdir(value):
@@ -139,25 +142,6 @@ def keep_classes(detections: Detections, classes: tuple[str, ...] | None) -> Det
     return replace(detections, boxes=detections.boxes[keep], scores=detections.scores[keep],
                    labels=detections.labels[keep], class_names=tuple(detections.class_names[i] for i in keep),
                    class_ids=detections.class_ids[keep])
-
-
-def proposal_source(value: str | None):
-    """``None`` (the checkpoint's), a method name, or a store object for a path."""
-    if value is None:
-        return None
-    from proposals import METHODS
-
-    if value in METHODS:
-        return value
-    if os.path.exists(value):
-        try:
-            from proposals import ProposalStore
-        except ImportError:
-            raise UserError(f"--proposals '{value}': proposal stores are not available in this version; "
-                            f"use a method ({', '.join(METHODS)})") from None
-        return ProposalStore(value)
-    raise UserError(f"--proposals '{value}': neither a method ({', '.join(METHODS)}) nor an existing "
-                    "proposal store")
 
 
 def check_json_target(value: str | None) -> None:
@@ -281,15 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         header += f"; reporting {', '.join(classes)} only"
     print(header, file=report, flush=True)
 
-    # the library (torch, torchvision, numba) after parsing, so that --help and bad flags answer at once
-    from tqdm import tqdm
-
-    from detector.base.io import load_image
-    from detector.draw import draw_detections, save_image
-    from detector.pipeline import load_detector
+    from detector.pipeline import load_detector  # torch and numba: after parsing, so --help answers at once
 
     detector = load_detector(args.model or checkpoint.DEFAULT_MODEL, device=args.device,
-                             precision=args.precision, proposals=proposal_source(args.proposals),
+                             precision=args.precision, proposals=open_proposal_source(args.proposals),
                              max_proposals=args.max_proposals, score_threshold=args.threshold,
                              workers=args.workers, compile=args.compile)
     failures, kept = [], {}

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = dict(args.note)  # (KEY, value) pairs, checked by their type
     for path in checkpoint_paths(args.target):  # before any work
         check_output_file(path, "target")
-    from detector.training.rcnn import export_detector
+    from detector.training.rcnn import export_detector  # torch: after parsing, so --help answers at once
 
     path = export_detector(args.source, args.target, half=not args.fp32, notes=notes, name=args.name,
                            description=args.description)

@@ -20,6 +20,8 @@ from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
 from detector.base.files import check_output_file
 from detector.base.options import positive_int, seed
+from detector.data import open_dataset
+from proposals.priors import kmeans_priors, mean_best_iou, normalized_gt_boxes, save_priors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output JSON file")
     args = parser.parse_args(argv)
     check_output_file(args.out, "--out")  # before any work
-    # the library (readers, scipy) after parsing, so that --help and bad flags answer at once
-    from detector.data import open_dataset
-    from proposals.priors import kmeans_priors, mean_best_iou, normalized_gt_boxes, save_priors
-
     dataset = open_dataset(args.annotations, args.split, args.image_list)
     boxes = normalized_gt_boxes(dataset.records)
     if len(boxes) == 0:

@@ -36,6 +36,7 @@ from detector.base.options import (
     shard,
 )
 from detector.base.threads import add_threads_argument, configure_threads
+from proposals.store import REPAIR, ProposalStore, merge, verify
 
 
 def parse_args(argv):
@@ -74,7 +75,7 @@ def method_options(args) -> tuple[str, tuple[tuple[str, object], ...]]:
     """``(method, options)`` of ``--method METHOD[:BACKEND]``, the Selective Search flags and ``--option``,
     checked by :func:`proposals.propose.check_options` (nothing is run): a bad one is one line here, not
     every image failed later."""
-    from proposals.propose import check_options  # the library after parsing, as in main
+    from proposals.propose import check_options  # numba and OpenCV: after parsing, as in main
 
     method, _, backend = args.method.partition(":")
     options = {"backend": backend} if backend else {}
@@ -91,9 +92,6 @@ def method_options(args) -> tuple[str, tuple[tuple[str, object], ...]]:
 
 def verify_stores(paths) -> int:
     """``--verify``: one line per store, one per damaged part; a damaged part is a one-line error."""
-    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
-    from proposals.store import REPAIR, verify
-
     damaged = {}
     for path in paths:
         report = verify(path)
@@ -111,9 +109,8 @@ def verify_stores(paths) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads, processes=args.workers)  # before torch is imported
-    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    # numba and OpenCV (Selective Search) after parsing, so that --help and bad flags answer at once
     from proposals.precompute import PrecomputeConfig, list_images, precompute
-    from proposals.store import ProposalStore, merge
 
     if args.verify:
         return verify_stores(args.inputs)

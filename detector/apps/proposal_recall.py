@@ -24,6 +24,7 @@ from detector.base.errors import UserError
 from detector.base.files import atomic_open, check_output_file
 from detector.base.options import int_in, positive_int, positive_number, proposal_method_backend
 from detector.base.threads import add_threads_argument, configure_threads
+from detector.data import open_dataset
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # formats matplotlib writes by the name
 
@@ -54,19 +55,16 @@ def parse_args(argv):
 
 
 def load_dataset(args):
-    from detector.data import read_coco, read_ilsvrc_det, read_voc
-
-    if args.coco:
-        return read_coco(args.coco, args.image_root)
-    if args.voc:
-        return read_voc(args.voc, args.split)
-    if not args.annotations:
+    """The dataset of ``--coco``, ``--voc`` or ``--ilsvrc`` (:func:`detector.data.open_dataset`)."""
+    if args.ilsvrc and not args.annotations:
         raise UserError("--ilsvrc needs --annotations (the folder of XML files)")
-    return read_ilsvrc_det(args.ilsvrc, args.annotations, image_root=args.image_root)
+    fmt, path = next((f, p) for f, p in (("coco", args.coco), ("voc", args.voc), ("ilsvrc", args.ilsvrc)) if p)
+    return open_dataset(path, args.split, image_root=args.image_root, annotations=args.annotations, format=fmt,
+                        progress=not args.no_progress)
 
 
 def method_specs(args) -> list:
-    # the library (numba, OpenCV) after parsing, so that --help and bad flags answer at once
+    # numba and OpenCV (Selective Search): after parsing, so that --help and bad flags answer at once
     from proposals.propose import check_options
     from proposals.recall import MethodSpec
 
@@ -102,11 +100,9 @@ def main(argv=None) -> int:
     if args.plot:
         check_output_file(args.plot, "--plot", PLOT_SUFFIXES)
     specs = method_specs(args)
-    from proposals.recall import evaluate, format_table, plot_recall  # after parsing, as above
+    from proposals.recall import evaluate, format_table, plot_recall  # numba and OpenCV: after parsing
 
     dataset = load_dataset(args)
-    if len(dataset) == 0:
-        raise UserError("the dataset has no images")
     results = evaluate(dataset, specs, args.max_images, progress=not args.no_progress)
     n = next(iter(results.values()))["num_images"]
     print(f"{dataset.name or 'dataset'}: {n} images, {next(iter(results.values()))['num_gt']} ground-truth boxes")

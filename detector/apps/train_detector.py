@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from detector.base.cli import ToolParser, run_tool
 from detector.base.defaults import MAX_PROPOSALS
@@ -36,6 +37,9 @@ from detector.base.options import (
     unit_fraction,
 )
 from detector.base.threads import add_threads_argument, configure_threads
+from detector.data import open_dataset
+from detector.training.sampler import SamplerConfig
+from detector.training.schedule import ScheduleConfig
 
 
 def parse_args(argv):
@@ -118,12 +122,11 @@ def parse_args(argv):
 
 
 def build_config(args):
+    # torch (the configs' modules) and numba (the proposal methods): after parsing, so --help answers at once
     from detector.postprocess import PostprocessConfig
     from detector.training.engine import EngineConfig
     from detector.training.losses import LossConfig
     from detector.training.rcnn import DetectorTrainConfig, ProposalConfig
-    from detector.training.sampler import SamplerConfig
-    from detector.training.schedule import ScheduleConfig
     from proposals.propose import check_options
 
     options = args.proposal_options  # a JSON object (its type), whose options are checked without running them
@@ -164,32 +167,26 @@ def build_config(args):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads)  # before torch is imported
-    from dataclasses import replace
-
+    # torch: after parsing and configure_threads (which must run before torch is imported)
     from detector.classifier import ClassifierConfig
-    from detector.training.distributed import cleanup, init_distributed
-    from detector.training.rcnn import load_dataset, run_training
+    from detector.training.distributed import distributed_run
+    from detector.training.rcnn import run_training
 
     config = build_config(args)
     check_output_folder(args.out, "--out")  # before any work: the run folder can be written
     if args.proposal_cache:
         check_output_folder(args.proposal_cache, "--proposal-cache")
     # the number of classes comes from the training set's vocabulary
-    num_classes = load_dataset(args.train, args.train_split, args.ilsvrc_annotations, args.image_root).vocab.num_classes
+    num_classes = open_dataset(args.train, args.train_split, annotations=args.ilsvrc_annotations,
+                               image_root=args.image_root, progress=not args.no_progress).vocab.num_classes
     try:
         classifier = ClassifierConfig(num_classes=num_classes, input_size=args.input_size, context=args.context,
                                       dropout=args.dropout, transform_input=bool(args.backbone_weights))
     except ValueError as err:
         raise UserError(f"model settings: {err}") from None
     config = replace(config, classifier=classifier)
-    try:
-        ctx = init_distributed(args.device)
-    except RuntimeError as err:
-        raise UserError(str(err)) from None
-    try:
+    with distributed_run(args.device) as ctx:
         result = run_training(config, ctx, report=(print if ctx.is_main else (lambda s: None)))
-    finally:
-        cleanup(ctx)
     if ctx.is_main:
         best = (f", best validation mAP {result.best_metric:.4f} at iteration {result.best_iteration}"
                 if result.best_metric is not None else "")

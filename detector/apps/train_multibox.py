@@ -33,6 +33,7 @@ from detector.base.options import (
     unit_fraction,
 )
 from detector.base.threads import add_threads_argument, configure_threads
+from detector.training.schedule import ScheduleConfig
 
 
 def parse_args(argv):
@@ -101,9 +102,9 @@ def parse_args(argv):
 
 def build_config(args):
     """The run's :class:`MultiBoxTrainConfig` from the arguments; a bad value is a :class:`UserError`."""
+    # torch (the configs' modules): after parsing, so that --help and bad flags answer at once
     from detector.training.engine import EngineConfig
     from detector.training.multibox import DatasetSource, MultiBoxTrainConfig
-    from detector.training.schedule import ScheduleConfig
     from proposals.multibox import MultiBoxConfig
 
     val = None
@@ -133,8 +134,8 @@ def build_config(args):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads)  # before torch is imported
-    # the library (torch) after parsing, so that --help and bad flags answer at once
-    from detector.training.distributed import cleanup, init_distributed
+    # torch: after parsing and configure_threads (which must run before torch is imported)
+    from detector.training.distributed import distributed_run
     from detector.training.multibox import run_multibox_training
 
     config = build_config(args)
@@ -142,11 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in checkpoint_paths(args.export):
             check_output_file(path, "--export")
     check_output_folder(args.out, "--out")
-    ctx = init_distributed(args.device)
-    try:
+    with distributed_run(args.device) as ctx:
         summary = run_multibox_training(config, ctx, report=print if ctx.is_main else (lambda *_: None))
-    finally:
-        cleanup(ctx)
     if ctx.is_main:
         print(json.dumps(summary))
     return 0

@@ -17,6 +17,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from detector.base.defaults import DEFAULT_MAX_PIXELS
 from detector.base.errors import UserError
+from detector.base.pool import ItemFailed
 
 # The project checks the pixel count itself (with a clearer message than Pillow's bomb warning),
 # and never accepts a truncated file as complete.
@@ -127,3 +128,14 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(f"cannot read image {quoted}: decoded to an unusable shape {arr.shape}; replace it")
     return np.ascontiguousarray(arr)
+
+
+def load_image_item(source: ImageSource) -> np.ndarray:
+    """:func:`load_image` in a batch job's worker: whatever the file causes is an
+    :class:`~detector.base.pool.ItemFailed` whose message is the reason the job records."""
+    try:
+        return load_image(source)
+    except UserError as err:
+        raise ItemFailed(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - anything else a file can cause is recorded too
+        raise ItemFailed(f"cannot read image: {type(err).__name__}: {err}") from None

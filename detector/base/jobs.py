@@ -44,11 +44,13 @@ from detector.base.pool import (
     attempt,
     default_workers,
     imap_outcomes,
+    opencv_single_thread,
 )
 
 __all__ = ["POOLS", "PROCESSES", "THREADS", "AllFailed", "ChunkSink", "Chunks", "ItemFailed", "JobConfig",
            "JobReport", "Outcome", "Shard", "attempt", "claim_manifest", "default_workers", "imap_outcomes",
-           "missing_chunks", "refuse_all_failed", "run_job", "settings_digest", "wait_for_chunks"]
+           "missing_chunks", "opencv_single_thread", "refuse_all_failed", "run_job", "settings_digest",
+           "wait_for_chunks"]
 
 
 # -- shards and chunks -------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def imap_outcomes(work: Callable[[Any], Any], items: Iterable, workers: int = 0,
         a module-level function (or a ``functools.partial`` of one) and plain data.
     read_ahead: items in flight at most (default ``2 * workers``): what waits in memory while the
         caller is busy with earlier results.
-    initializer: run once in each worker process or thread (e.g. ``cv2.setNumThreads(1)``).
+    initializer: run once in each worker process or thread (e.g. :func:`opencv_single_thread`).
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -120,6 +120,14 @@ def _result(future) -> Outcome:
     except BrokenProcessPool:
         raise UserError("a worker process died (killed, out of memory, or a crash in native code); rerun with "
                         "fewer --workers (finished chunks are kept)") from None
+
+
+def opencv_single_thread() -> None:
+    """A worker's initializer for work that runs OpenCV (Selective Search): OpenCV in one thread, the
+    pool is the parallelism."""
+    import cv2  # an optional heavy dependency, only in the workers that run OpenCV
+
+    cv2.setNumThreads(1)
 
 
 def default_workers(cap: int = 16) -> int:

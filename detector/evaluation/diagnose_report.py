@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.base.files import atomic_path
+from detector.base.plots import pyplot, save_figure
 from detector.evaluation.diagnose import FP_TYPES, MISSED, ClassDiagnosis, Diagnosis
 
 SHORT = {"localization": "loc", "duplicate": "dup", "confusion": "conf", "background": "bg"}
@@ -95,10 +95,7 @@ def plot_diagnosis(diagnosis: Diagnosis, out_dir: str | Path) -> list[Path]:
     """Write ``diagnose.png`` (per class: analysed detections stacked as correct and each false-positive
     type, and the false positives' shares) and ``confusion.png`` (row-normalized heat map, counts in the
     cells) into ``out_dir``. Returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +129,7 @@ def _plot_fp_types(diagnosis: Diagnosis, path: Path, plt) -> Path:
     axes[1].set_xticks(x, [c.name for c in rows], rotation=60, ha="right", fontsize=8)
     axes[1].set_xlim(-0.6, len(rows) - 0.4)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return save_figure(fig, path)
 
 
 def _plot_confusion(diagnosis: Diagnosis, path: Path, plt) -> Path:
@@ -145,7 +142,7 @@ def _plot_confusion(diagnosis: Diagnosis, path: Path, plt) -> Path:
     if n_rows == 0:
         ax.text(0.5, 0.5, "no objects (difficult and crowd ones are left out)", ha="center", va="center")
         ax.set_axis_off()
-        return _save(fig, path, plt)
+        return save_figure(fig, path)
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     if n_rows * n_cols <= 40 * 41:
         for i in range(n_rows):
@@ -160,11 +157,4 @@ def _plot_confusion(diagnosis: Diagnosis, path: Path, plt) -> Path:
            title="confusion matrix (share of each row's objects)")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    return _save(fig, path, plt)
-
-
-def _save(fig, path: Path, plt) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.base.files import atomic_open, atomic_path
+from detector.base.files import atomic_open
+from detector.base.plots import pyplot, save_figure
 from detector.evaluation.result import EvalResult
 
 
@@ -25,10 +26,7 @@ def save_json(result: EvalResult, path: str | Path) -> None:
 def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -> list[Path]:
     """PNG plots in ``out_dir``: ``pr_curves.png`` (the ``num_curves`` worst and best classes' precision/recall)
     and ``ap_per_class.png`` (every class's AP, sorted, with the mean). Returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +49,7 @@ def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -
             ax.legend(fontsize=7, loc="lower left")
         fig.suptitle(f"{result.protocol}: precision/recall, mAP {result.mAP:.4f}")
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "pr_curves.png", plt))
+        written.append(save_figure(fig, out_dir / "pr_curves.png"))
     if ranked:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(ranked) + 3), 4.5))
         ax.bar(np.arange(len(ranked)), [result.ap[c] for c in ranked], width=0.9, color="tab:blue")
@@ -65,12 +63,5 @@ def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -
         ax.set(ylabel="AP", ylim=(0, 1), xlim=(-0.6, len(ranked) - 0.4), title=f"{result.protocol}: AP per class")
         ax.legend()
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "ap_per_class.png", plt))
+        written.append(save_figure(fig, out_dir / "ap_per_class.png"))
     return written
-
-
-def _save(fig, path: Path, plt) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path

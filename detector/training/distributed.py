@@ -8,11 +8,14 @@ returns a :class:`DistContext`. Without them it returns the single-process conte
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from detector.base.errors import UserError
 from detector.device import resolve_device
 
 
@@ -50,6 +53,20 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistCo
         dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"),
                                 rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, dev, True)
+
+
+@contextmanager
+def distributed_run(device: str = "auto") -> Iterator[DistContext]:
+    """:func:`init_distributed` for the length of a ``with`` block, and :func:`cleanup` at its end (what a
+    training tool's run is wrapped in). A process group that cannot be joined is a :class:`UserError`."""
+    try:
+        ctx = init_distributed(device)
+    except RuntimeError as err:
+        raise UserError(f"cannot start the distributed run: {err}") from None
+    try:
+        yield ctx
+    finally:
+        cleanup(ctx)
 
 
 def barrier(ctx: DistContext) -> None:

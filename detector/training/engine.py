@@ -16,13 +16,12 @@ It writes into ``out_dir`` (rank 0 only):
   ``checkpoint_every`` iterations and at the end; ``iter_NNNNNN.*`` snapshots too when ``keep_snapshots``;
 - ``best.safetensors`` + ``best.json``: the model with the best evaluation metric so far;
 - ``last.state.pt``: everything a resume needs (model, optimizer, iteration, random states, the
-  configuration it must match), written with ``torch.save`` and read with ``weights_only=True``. It
-  carries a sha256 of its content (:func:`state_digest`), checked before a resume uses anything: a
-  damaged state, or one whose weights are not finite, is refused in one line and nothing is written.
-  A state whose weights have become non-finite is never saved (the last good one is kept);
+  configuration it must match), checksummed and checked before a resume uses anything
+  (:mod:`detector.training.state`). A state whose weights have become non-finite is never saved (the
+  last good one is kept);
 - ``metrics.jsonl``: one JSON object per logged iteration or evaluation, appended; a resume drops a
   torn last line (a kill while appending) with a warning. ``curves.png``: the loss and the evaluation
-  metric against the iteration.
+  metric against the iteration (both :mod:`detector.training.state`).
 
 Every file is written to a temporary name and moved into place, so a crash never leaves half a file.
 """
@@ -30,12 +29,9 @@ Every file is written to a temporary name and moved into place, so a crash never
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,17 +40,25 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from detector.base.checkpoint import save_checkpoint
 from detector.base.errors import UserError
-from detector.base.files import atomic_path, atomic_write
 from detector.base.jobs import default_workers
 from detector.training.distributed import DistContext, all_reduce_mean, barrier, broadcast_object
 from detector.training.schedule import ScheduleConfig, learning_rate
-
-STATE_FORMAT = "googlenet-detection/train-state"
-STATE_VERSION = 2  # 2: with "sha256", the digest of the rest (1: none, still read)
-_STATE_KEYS = ("iteration", "model", "optimizer", "rng")
+from detector.training.state import (
+    STATE_FILE,
+    MetricsLog,
+    capture_rng_state,
+    check_same_settings,
+    load_train_state,
+    non_finite,
+    plot_curves,
+    restore_rng_state,
+    save_train_state,
+    seed_everything,
+)
 
 
 class BatchSource(Protocol):
@@ -117,147 +121,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------------
-# random states and atomic files
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def capture_rng_state() -> dict:
-    """python, numpy and torch (CPU and CUDA) random states, as types ``torch.load(weights_only=True)`` reads."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def state_digest(obj) -> str:
-    """sha256 of a training state's content: every tensor's dtype, shape and bytes, every other value's
-    type and repr, dict keys in sorted order; independent of how ``torch.save`` lays out the file."""
-    h = hashlib.sha256()
-
-    def feed(x) -> None:
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(x, dict):
-            h.update(f"D{len(x)}".encode())
-            for k in sorted(x, key=repr):
-                feed(k)
-                feed(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"L{len(x)}".encode())
-            for v in x:
-                feed(v)
-        else:
-            h.update(f"{type(x).__name__}:{x!r};".encode())
-
-    feed(obj)
-    return h.hexdigest()
-
-
-def _non_finite(tensors) -> list[str]:
-    """Names of the floating-point tensors of a ``{name: tensor}`` tree that hold NaN or infinity."""
-    out = []
-
-    def walk(x, name: str) -> None:
-        if isinstance(x, torch.Tensor):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                out.append(name)
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{name}.{i}")
-
-    walk(tensors, "")
-    return out
-
-
-def load_train_state(path: str | Path, report: Callable[[str], None] | None = None) -> dict:
-    """Read a ``*.state.pt`` resume file (or the ``last.state.pt`` of a run directory) without unpickling
-    code, and check it before anything uses it: its sha256 (a damaged file is refused, never trained
-    on), the entries a resume needs, and finite weights and optimizer state. A state of the first
-    version (no digest) is read with a note to ``report`` (default: a warning)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.state.pt"
-    if not path.is_file():
-        raise UserError(f"cannot resume: '{path}' does not exist; pass a run directory or its last.state.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
-        raise UserError(f"cannot resume from '{path}': not a readable training state ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); pass a last.state.pt written by "
-                        "this tool") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"cannot resume from '{path}': not a training state of this project; pass a "
-                        "last.state.pt written by tools/train_*.py")
-    damaged = (f"cannot resume from '{path}': the training state is damaged ({{}}); nothing was written: restore "
-               "the file, or start a new run from the run's last.safetensors")
-    if "sha256" in state:
-        saved = state.pop("sha256")
-        if saved != state_digest(state):
-            raise UserError(damaged.format("its content does not match its sha256"))
-    else:
-        note = (f"'{path}' has no checksum (written by an older version): it is checked for finite weights "
-                "only")
-        if report is not None:
-            report(f"warning: {note}")
-        else:
-            warnings.warn(note, stacklevel=2)
-    missing = [k for k in _STATE_KEYS if k not in state]
-    if missing:
-        raise UserError(damaged.format(f"no {', '.join(missing)}"))
-    bad = _non_finite({"model": state["model"], "optimizer": state["optimizer"]})
-    if bad:
-        raise UserError(damaged.format(f"{len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}"))
-    return state
-
-
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Settings that differ between a saved run and now, as ``key: old in the file, new now``.
-
-    Nested dicts are compared key by key, and a key absent on one side equals ``None`` on the other
-    (so a setting added to the tool later, left at its ``None`` default, does not block a resume).
-    """
-    out = []
-    for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} in the file, {b!r} now")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -312,81 +175,6 @@ def _batches(source: BatchSource, start: int, stop: int, num_workers: int | None
     yield from loader
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object a line, appended and flushed as training goes.
-
-    A resume keeps the lines up to the iteration it resumes from. The last line may be torn (a kill
-    while appending): it is dropped, with a warning to ``report``; a bad line elsewhere is a
-    :class:`UserError` naming it.
-    """
-
-    def __init__(self, path: Path, resume_from: int | None, report: Callable[[str], None] = print):
-        self.path = path
-        if resume_from is not None and path.exists():
-            # drop what the interrupted run logged after the checkpoint it resumes from
-            kept = [line for line, record in self._records(report) if record.get("iteration", 0) <= resume_from]
-            atomic_write(path, "".join(line + "\n" for line in kept))
-        elif path.exists():
-            path.unlink()
-
-    def _records(self, report: Callable[[str], None] | None) -> list[tuple[str, dict]]:
-        lines = [(n, line) for n, line in enumerate(
-            self.path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1) if line.strip()]
-        out = []
-        for i, (lineno, line) in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                out.append((line, record))
-            elif i == len(lines) - 1:
-                if report is not None:
-                    report(f"warning: {self.path}:{lineno}: dropped a torn last line (the run was stopped while "
-                           "writing it)")
-            else:
-                raise UserError(f"{self.path}:{lineno}: not a JSON record; delete the line (or the file) and "
-                                "resume again")
-        return out
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [record for _, record in self._records(None)]
-
-
-def plot_curves(records: list[dict], path: Path, metric: str) -> None:
-    """PNG of the training loss and the evaluation metric against the iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if metric in r.get("eval", {})]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if train:
-        ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], color="tab:blue", lw=1, label="loss")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss", color="tab:blue")
-    ax.set_yscale("log")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["iteration"] for r in evals], [r["eval"][metric] for r in evals], "o-", color="tab:red",
-                 label=f"validation {metric}")
-        ax2.set_ylabel(f"validation {metric}", color="tab:red")
-        ax2.set_ylim(0, 1)
-    ax.set_title("training curves")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
 class _Run:
     """One training run's state and its named steps (see :func:`train`): the model (and its DDP wrapper),
     the optimizer and gradient scaler, the best metric so far, the metrics log and the speed window."""
@@ -414,17 +202,7 @@ class _Run:
     def restore(self, resume: str | Path) -> int:
         """Continue from a saved state (its settings must be this run's); returns its iteration."""
         state = load_train_state(resume, report=self.report)
-        saved_key = state.get("resume_key", {})
-        # a whole group of settings that an older version did not record cannot be compared: said, not refused
-        unrecorded = [k for k, v in self.resume_key.items() if isinstance(v, dict) and k not in saved_key]
-        for k in unrecorded:
-            self.report(f"warning: '{resume}' does not record the {k} settings (written by an older version); "
-                        "make sure they are those of its run")
-        diffs = _differences(saved_key, {k: v for k, v in self.resume_key.items() if k not in unrecorded})
-        if diffs:
-            raise UserError(f"cannot resume from '{resume}': it was written with a different configuration ("
-                            + "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
-                            + "); resume with the same settings or start a new run")
+        check_same_settings(state.get("resume_key", {}), self.resume_key, resume, self.report)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -506,7 +284,7 @@ class _Run:
             return
         cfg = self._checkpoint_config(iteration)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        bad = _non_finite(weights)
+        bad = non_finite(weights)
         if bad:  # never replace the last good state with a broken one
             raise UserError(f"the weights hold NaN or infinity at iteration {iteration} ({len(bad)} tensors, e.g. "
                             f"{bad[0]}); the last good checkpoint in '{self.out_dir}' is kept; lower the learning "
@@ -514,15 +292,12 @@ class _Run:
         save_checkpoint(self.out_dir / "last.safetensors", weights, cfg)
         if self.config.keep_snapshots:
             save_checkpoint(self.out_dir / f"iter_{iteration:06d}.safetensors", weights, cfg)
-        state = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "iteration": iteration,
-            "model": weights, "optimizer": self.optimizer.state_dict(),
+        save_train_state(self.out_dir / STATE_FILE, {
+            "iteration": iteration, "model": weights, "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "schedule": asdict(self.config.schedule), "resume_key": self.resume_key, "rng": capture_rng_state(),
             "best_metric": self.best_metric, "best_iteration": self.best_iteration,
-        }
-        state["sha256"] = state_digest(state)
-        atomic_torch_save(state, self.out_dir / "last.state.pt")
+        })
 
     def evaluate(self, iteration: int) -> None:
         """Evaluate on rank 0 (the random streams untouched), keep ``best`` if the metric improved, log it."""
@@ -579,8 +354,6 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     start = run.restore(resume) if resume is not None else 0
     total = run.total
     run.begin(start, resumed=resume is not None)
-    from tqdm import tqdm
-
     with tqdm(total=total, initial=start, disable=not (ctx.is_main and config.progress), dynamic_ncols=True,
               desc="train", unit="it") as bar:
         for iteration, batch in enumerate(_batches(source, start, total, config.num_workers), start=start):

@@ -26,7 +26,7 @@ from detector.base.files import atomic_write
 from detector.base.jobs import Shard, default_workers, settings_digest
 from detector.box_coder import BoxCoder
 from detector.classifier import ClassifierConfig, RegionClassifier, load_backbone_weights
-from detector.data import read_coco, read_ilsvrc_det, read_voc
+from detector.data import open_dataset
 from detector.data.records import Dataset, ImageRecord
 from detector.postprocess import PostprocessConfig
 from detector.proposal_source import ProposalSettings, source_proposals
@@ -84,32 +84,6 @@ class DetectorTrainConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # datasets
-
-
-def load_dataset(path: str | Path, split: str = "trainval", annotations: str | None = None,
-                 image_root: str | None = None) -> Dataset:
-    """A COCO JSON file, a VOC folder (``Annotations/``, ``ImageSets/Main/<split>.txt``) or an ILSVRC
-    image list (``.txt``, with ``annotations`` the XML folder and ``image_root`` the images)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"dataset '{path}' does not exist; pass a COCO .json file, a VOC folder or an ILSVRC "
-                        "image list")
-    if path.is_file() and path.suffix == ".json":
-        dataset = read_coco(path, image_root=image_root)
-    elif path.is_dir() and (path / "Annotations").is_dir():
-        dataset = read_voc(path, split=split)
-    elif path.is_file() and path.suffix == ".txt":
-        if annotations is None:
-            raise UserError(f"dataset '{path}' is an ILSVRC image list: pass its XML folder with "
-                            "--ilsvrc-annotations DIR (and the images with --image-root DIR)")
-        dataset = read_ilsvrc_det(path, annotations, image_root=image_root)
-    else:
-        raise UserError(f"dataset '{path}': not a COCO .json file, a VOC folder with Annotations/ or an ILSVRC "
-                        ".txt image list")
-    if len(dataset) == 0:
-        raise UserError(f"dataset '{path}'{f' split {split}' if path.is_dir() else ''} has no images; check "
-                        "the path and the split")
-    return dataset
 
 
 def align_vocabulary(val: Dataset, train: Dataset, val_path: str) -> Dataset:
@@ -274,8 +248,10 @@ def region_loss(loss_config: LossConfig):
 
 def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), report=print) -> TrainResult:
     """Load the data, build the model and train it (see :mod:`detector.training.engine` for the files)."""
-    train_set = load_dataset(config.train, config.train_split, config.ilsvrc_annotations, config.image_root)
-    check = check_images(train_set, decode=config.verify_images, progress=ctx.is_main and config.engine.progress)
+    progress = ctx.is_main and config.engine.progress
+    train_set = open_dataset(config.train, config.train_split, annotations=config.ilsvrc_annotations,
+                             image_root=config.image_root, progress=progress)
+    check = check_images(train_set, decode=config.verify_images, progress=progress)
     if check.skipped:
         report(f"training set: {check.report()}")
         if ctx.is_main:
@@ -291,7 +267,8 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
     box_coder = BoxCoder()
     validator = None
     if config.val:
-        val_set = load_dataset(config.val, config.val_split, config.ilsvrc_annotations, config.image_root)
+        val_set = open_dataset(config.val, config.val_split, annotations=config.ilsvrc_annotations,
+                               image_root=config.image_root, progress=progress)
         val_set = align_vocabulary(val_set, train_set, config.val)
         val_check = check_images(val_set, decode=config.verify_images)
         if val_check.skipped:
