@@ -206,6 +206,16 @@ def proposal_settings(config: ProposalConfig) -> dict:
 # the checkpoint's config
 
 
+def checkpoint_proposals(prop: ProposalConfig) -> dict:
+    """The checkpoint's proposal section: detection uses the method that made the training proposals,
+    which a precomputed store records itself (its ``meta``), not the ``--proposal-method`` default."""
+    method, options = prop.method, dict(prop.options)
+    if prop.store is not None:
+        meta = ProposalStore(prop.store).meta
+        method, options = meta.get("method", method), dict(meta.get("options", options))
+    return {"method": method, "options": options, "max_proposals": prop.eval_max_proposals}
+
+
 def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dict:
     """The JSON saved beside the weights: what rebuilds the model and how it detects."""
     prop = config.proposals
@@ -217,20 +227,20 @@ def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dic
         "init_checkpoint": config.init_checkpoint,
     }
     return make_checkpoint_config(
-        config.classifier, vocab,
-        proposals={"method": prop.method, "options": dict(prop.options), "max_proposals": prop.eval_max_proposals},
+        config.classifier, vocab, proposals=checkpoint_proposals(prop),
         postprocess=config.postprocess, box_weights=box_coder.weights, training=training)
 
 
 def load_init_checkpoint(model: RegionClassifier, path: str | Path) -> None:
-    """Start from a detector checkpoint of the same architecture (e.g. to continue with a new schedule)."""
-    state, saved = load_checkpoint(path)
+    """Start from a detector checkpoint of the same architecture and classes (e.g. to continue with a new
+    schedule, or at another crop size: the trunk ends in global average pooling, so weights learned at
+    64 px are a valid start at 96 px)."""
+    state, _ = load_checkpoint(path)
     wanted = model.state_dict()
-    if saved.get("classifier", {}).get("input_size") != model.config.input_size or any(
-            k in state and state[k].shape != v.shape for k, v in wanted.items()):
-        raise UserError(f"--init-checkpoint '{path}': its classifier differs from this run's (input size "
-                        f"{saved.get('classifier', {}).get('input_size')} vs {model.config.input_size}, or the "
-                        "classes); use a checkpoint of the same model")
+    differ = [k for k, v in wanted.items() if k in state and state[k].shape != v.shape]
+    if differ:
+        raise UserError(f"--init-checkpoint '{path}': {len(differ)} tensors have other shapes than this run's "
+                        f"(e.g. {differ[0]}: other classes?); use a checkpoint of the same model")
     missing = [k for k in wanted if k not in state and not k.startswith(("trunk.aux1.", "trunk.aux2."))]
     if missing:
         raise UserError(f"--init-checkpoint '{path}': {len(missing)} tensors missing (e.g. {missing[0]}); use a "
