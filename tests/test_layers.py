@@ -228,6 +228,10 @@ def test_atomic_write_gives_the_umask_permissions(tmp_path, umask, mode):
             f.write("{}")
         with atomic_path(written[2]) as tmp:
             tmp.write_bytes(b"\0")
+        written.append(tmp_path / "d.bin")  # a writer that makes its own file in place of ours, mode 0600
+        with atomic_path(written[3]) as tmp:
+            tmp.unlink()
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
         plain = tmp_path / "plain.txt"
         plain.write_text("a file created the ordinary way")
     finally:

@@ -77,6 +77,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)  # the writer may have replaced the file: sync what is there now
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # a writer that made its own file (safetensors: 0600) gets it too
             os.fsync(fd)
         finally:
             os.close(fd)
