@@ -49,7 +49,8 @@ WORKER = textwrap.dedent('''
     ctx = init_distributed("cpu")
     ranks = [ctx.rank] if mode == "ddp" else [0, 1]
     model = make_model()
-    config = EngineConfig(out_dir=out, checkpoint_every=0, log_every=2, progress=False,
+    # num_workers=0: batches made in the process; a spawned loader would re-run this unguarded script
+    config = EngineConfig(out_dir=out, checkpoint_every=0, log_every=2, progress=False, num_workers=0,
                           schedule=ScheduleConfig(base_lr=0.2, iterations=6, kind="constant"))
     train(model, Source(ranks), loss_fn, config, ctx, report=lambda s: None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{mode}_rank{ctx.rank}.safetensors")
