@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     cfg = detector.models[0].config
     print(f"{len(files)} images, {args.proposals} proposals each, input {cfg.input_size} px, "
           f"{detector.vocabulary.num_classes} classes, {detector.dtype}, batch {args.batch_size}, "
-          f"{args.threads} torch thread(s), {args.workers} worker(s), device {detector.device}; load average "
+          f"{args.threads} torch thread(s), {args.workers} worker(s), device {detector.device}, on-the-fly "
+          f"proposals (+ss): {computed.source if computed.computed else 'ss-fast'}; load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'mode':<13} {'s/image':>8} {'CPU s/image':>11} {'images/s':>9} {'crops/s':>8} "
           f"{'ILSVRC val (20,121 images)':>27}")

@@ -112,7 +112,8 @@ class Detector:
         (:mod:`detector.device`).
     batch_size: crops per forward pass, filled across images (default 64 on the CPU, 1024 on CUDA).
     workers: processes computing proposals ahead of the network when many images need them (``None``: the
-        usable cores but one; 0: in this process).
+        usable cores but one; 0: in this process). They are spawned, and re-import the main script: a
+        script must detect under ``if __name__ == "__main__":`` (as the tools do).
     compile: run each network through ``torch.compile``: ``True`` (its default backend, inductor) or a
         backend's name (``"eager"`` traces without generating code: quick, for tests). The first batch of
         each shape compiles.
@@ -264,7 +265,7 @@ class Detector:
                 read.append((image, job, given, name))
                 yield image if pooled and given is None and image is not None else None
 
-        stream = proposal_stream(loaded(), self.proposals, self.workers) if pooled else (
+        stream = _pool_errors(proposal_stream(loaded(), self.proposals, self.workers)) if pooled else (
             None for _ in loaded())
         for outcome in stream:
             image, job, given, name = read.popleft()
@@ -345,6 +346,17 @@ class Detector:
                 d = out.box_deltas[:count].float()
                 probs, deltas = (p, d) if probs is None else (probs + p, deltas + d)
         return probs, deltas
+
+
+def _pool_errors(outcomes: Iterator) -> Iterator:
+    """The pool's outcomes; a pool that breaks (not one image's failure, which is an outcome) is a
+    :class:`UserError` that says the likeliest cause."""
+    try:
+        yield from outcomes
+    except UserError as err:
+        raise UserError(f"{err}. Proposals for several images are computed in spawned processes, which "
+                        "re-import the main script: a script must run its detection under "
+                        "`if __name__ == \"__main__\":`, or pass workers=0") from None
 
 
 class _RegionBatches:
