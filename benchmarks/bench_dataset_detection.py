@@ -43,15 +43,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
-from detector.base.io import load_image
-from detector.base.vocab import ilsvrc_det_vocabulary
-from detector.classifier import ClassifierConfig, RegionClassifier
-from detector.data.records import Dataset, ImageRecord
-from detector.dataset_runner import RunConfig, claim_parts_folder, run_detection, run_settings
-from detector.pipeline import Detector, default_model
+from detector.base.threads import configure_threads
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHESS_TEST = PROJECT_ROOT.parent / "shared" / "data" / "chess" / "test"
@@ -81,6 +74,12 @@ def parse_args(argv):
 
 
 def random_model(folder: Path, size: int) -> Path:
+    import torch
+
+    from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+    from detector.base.vocab import ilsvrc_det_vocabulary
+    from detector.classifier import ClassifierConfig, RegionClassifier
+
     vocab = ilsvrc_det_vocabulary()
     torch.manual_seed(0)
     config = ClassifierConfig(num_classes=vocab.num_classes, input_size=size)
@@ -125,7 +124,12 @@ def median_times(fns: dict, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)  # before torch is imported: passive OpenMP waits, as the tools run
+    from detector.base.io import load_image
+    from detector.data.records import Dataset, ImageRecord
+    from detector.dataset_runner import RunConfig, claim_parts_folder, run_detection, run_settings
+    from detector.pipeline import Detector, default_model
+
     work = Path(tempfile.mkdtemp(prefix="bench_dataset_"))
     if args.model == "default":
         model = default_model()

@@ -336,3 +336,17 @@ def test_progress_bar_for_several_images(photos, fake, capsys):
     assert run([photos]) == 0
     err = capsys.readouterr().err
     assert "detect: 100%" in err and "4/4" in err  # tqdm on stderr, the tables on stdout
+
+
+def test_workers_and_compile_reach_the_engine(photos, monkeypatch, capsys):
+    given = {}
+
+    def load(*args, **kwargs):
+        given.update(kwargs)
+        return FakeDetector()
+
+    monkeypatch.setattr(pipeline, "load_detector", load)
+    assert run([photos / "a.png", photos / "b.jpg", "--workers", "0", "--compile"]) == 0
+    assert given["workers"] == 0 and given["compile"] is True
+    assert run([photos / "a.png", "--workers", "-1"]) == 2  # refused in one line, before any work
+    assert "--workers" in capsys.readouterr().err
