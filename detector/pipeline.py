@@ -17,7 +17,8 @@ crops). The image goes to the device once (pinned memory, non-blocking copies); 
 Precision (:mod:`detector.device`): bf16 on CUDA casts the weights themselves (half the memory traffic);
 on the CPU the weights stay fp32 under bf16 autocast (oneDNN runs both at the same speed, measured,
 and the results stay those of earlier versions). ``compile=True`` wraps each network in
-``torch.compile``; batches are then padded to a power of two so that only a few shapes compile.
+``torch.compile``; a partial batch is then padded to ``batch_size``, so that one shape compiles (a
+new shape would compile again, a minute on a GPU; batches filled across images are rarely partial).
 """
 
 from __future__ import annotations
@@ -333,10 +334,8 @@ class Detector:
         the models ``indices`` over one batch of crops (float32 ``(B, 3, S, S)`` on the device)."""
         crops = crops.contiguous(memory_format=torch.channels_last)
         count = len(crops)
-        if self.compiled:  # a few batch shapes only: each new shape compiles again
-            padded = min(max(self.batch_size, count), max(16, 1 << (count - 1).bit_length()))
-            if padded > count:
-                crops = torch.cat([crops, crops.new_zeros((padded - count, *crops.shape[1:]))])
+        if self.compiled and count < self.batch_size:  # one batch shape: each new shape compiles again
+            crops = torch.cat([crops, crops.new_zeros((self.batch_size - count, *crops.shape[1:]))])
         probs = deltas = None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.dtype == torch.bfloat16):
