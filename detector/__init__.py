@@ -11,7 +11,7 @@ The public names below are loaded on first use (PEP 562), so that ``import detec
 
 from __future__ import annotations
 
-import importlib
+from detector.base.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -22,21 +22,10 @@ _PUBLIC = {
     "load_image": "detector.base.io",
     "Vocabulary": "detector.base.vocab",
     "ilsvrc_det_vocabulary": "detector.base.vocab",
-    "Detections": "detector.pipeline",
+    "Detections": "detector.detections",
     "Detector": "detector.pipeline",
     "load_detector": "detector.pipeline",
 }
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'detector' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

@@ -31,7 +31,6 @@ from detector.base.jobs import (
     imap_outcomes,
     opencv_single_thread,
 )
-from detector.base.threads import configure_threads
 from proposals.propose import propose
 from proposals.store import lookup_keys
 
@@ -121,11 +120,5 @@ def proposal_stream(images: Iterable[np.ndarray | None], settings: ProposalSetti
     work = partial(_computed, settings=settings)
     if workers == 0:
         return (attempt(work, image) for image in images)
-    return imap_outcomes(work, images, workers, PROCESSES, initializer=_worker_setup)
+    return imap_outcomes(work, images, workers, PROCESSES, initializer=opencv_single_thread)
 
-
-def _worker_setup() -> None:
-    """Each worker: OpenCV (Selective Search) and torch (MultiBox, imported later) in one thread with
-    passive OpenMP waits; the pool is the parallelism, and spinning threads would starve the network."""
-    opencv_single_thread()
-    configure_threads(1)

@@ -11,9 +11,10 @@ torch, and neither should be paid for by a module that only reads a store.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
+
+from detector.base.lazy import lazy_exports
 
 # public name -> the module that defines it
 _PUBLIC = {
@@ -24,18 +25,7 @@ _PUBLIC = {
 }
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'proposals' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
 
 
 class _Face(types.ModuleType):

@@ -131,10 +131,12 @@ def test_no_import_goes_up_a_layer():
     assert not wrong, "imports that go up the layers:\n" + "\n".join(wrong)
 
 
-def test_package_faces_import_nothing_of_the_project():
-    # detector/__init__.py and proposals/__init__.py load their public names lazily (importlib), so that
-    # importing detector.base.boxes or detector.evaluation does not pull in torch
-    eager = [f"{i['module']}:{i['line']} imports {i['target']}" for i in IMPORTS if i["module"] in FACES]
+def test_package_faces_import_nothing_but_the_lazy_loader():
+    # detector/__init__.py and proposals/__init__.py load their public names lazily (detector.base.lazy,
+    # which imports nothing of the project), so that importing detector.base.boxes or detector.evaluation
+    # does not pull in torch
+    eager = [f"{i['module']}:{i['line']} imports {i['target']}" for i in IMPORTS
+             if i["module"] in FACES and i["target"] != "detector.base.lazy"]
     assert not eager, "\n".join(eager)
 
 

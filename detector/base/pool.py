@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detector.base.errors import UserError
-from detector.base.threads import usable_cores
+from detector.base.threads import configure_threads, usable_cores
 
 PROCESSES = "processes"  # spawned worker processes: work that holds the GIL (Selective Search, MultiBox)
 THREADS = "threads"  # threads of this process: work that releases the GIL (image decoding, file reads)
@@ -123,11 +123,14 @@ def _result(future) -> Outcome:
 
 
 def opencv_single_thread() -> None:
-    """A worker's initializer for work that runs OpenCV (Selective Search): OpenCV in one thread, the
-    pool is the parallelism."""
+    """A worker's initializer for work that runs OpenCV (Selective Search) and perhaps torch (MultiBox):
+    OpenCV in one thread and, in a worker process, torch in one thread with passive OpenMP waits; the pool
+    is the parallelism, and spinning threads would starve the process that consumes the results."""
     import cv2  # an optional heavy dependency, only in the workers that run OpenCV
 
     cv2.setNumThreads(1)
+    if multiprocessing.parent_process() is not None:  # never the caller's own threads (a thread pool)
+        configure_threads(1)
 
 
 def default_workers(cap: int = 16) -> int:
