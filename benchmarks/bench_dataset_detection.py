@@ -73,25 +73,33 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def random_model(folder: Path, size: int) -> Path:
+def random_classifier(size: int, num_classes: int = 200):
+    """A region classifier with random weights whose scores look like a trained model's (also used by
+    bench_gpu.py)."""
     import torch
 
-    from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
-    from detector.base.vocab import ilsvrc_det_vocabulary
     from detector.classifier import ClassifierConfig, RegionClassifier
 
-    vocab = ilsvrc_det_vocabulary()
     torch.manual_seed(0)
-    config = ClassifierConfig(num_classes=vocab.num_classes, input_size=size)
-    model = RegionClassifier(config)
+    model = RegionClassifier(ClassifierConfig(num_classes=num_classes, input_size=size))
     with torch.no_grad():
         for module in model.modules():  # activations of a realistic scale (the default init makes them vanish)
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
         model.cls_score.weight.mul_(0.01)
         model.cls_score.bias.normal_(0, 2.0)  # a few classes per region above 0.05, as a trained model
+    return model
+
+
+def random_model(folder: Path, size: int) -> Path:
+    """:func:`random_classifier` for the 200 ILSVRC classes, saved as a checkpoint in ``folder``."""
+    from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+    from detector.base.vocab import ilsvrc_det_vocabulary
+
+    vocab = ilsvrc_det_vocabulary()
+    model = random_classifier(size, vocab.num_classes)
     path = folder / f"random_{size}"
-    save_checkpoint(path, model.state_dict(), make_checkpoint_config(config, vocab))
+    save_checkpoint(path, model.state_dict(), make_checkpoint_config(model.config, vocab))
     return path
 
 

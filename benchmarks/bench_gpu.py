@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from bench_dataset_detection import random_boxes, random_classifier  # this folder: run as a script
 
 from detector.base.threads import add_threads_argument, configure_threads
 
@@ -158,31 +159,6 @@ def network_rows(bench: Bench, args) -> None:
                                           compile_backend=args.compile_backend)
             bench.run("classifier", f"bf16, channels-last, compiled ({args.compile_backend})",
                       forward(model, crops), "crops")
-
-
-def random_classifier(size: int, num_classes: int = 200):
-    """A region classifier with random weights whose scores look like a trained model's."""
-    import torch
-
-    from detector.classifier import ClassifierConfig, RegionClassifier
-
-    torch.manual_seed(0)
-    model = RegionClassifier(ClassifierConfig(num_classes=num_classes, input_size=size))
-    with torch.no_grad():
-        for module in model.modules():  # activations of a realistic scale (the default init makes them vanish)
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        model.cls_score.weight.mul_(0.01)
-        model.cls_score.bias.normal_(0, 2.0)  # a few classes per region above 0.05, as a trained model
-    return model
-
-
-def random_boxes(image_size: tuple[int, int], num: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 ``(num, 4)`` xyxy boxes, sides 5-60% of the image's."""
-    h, w = image_size
-    xy = rng.uniform(0, 0.9, (num, 2)) * [w, h]
-    wh = rng.uniform(0.05, 0.6, (num, 2)) * [w, h]
-    return np.concatenate([xy, np.minimum(xy + wh, [w, h])], 1).astype(np.float32)
 
 
 def example_images(count: int) -> list[np.ndarray]:
