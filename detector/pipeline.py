@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torchvision.ops import clip_boxes_to_image
 
-from detector.base.checkpoint import DEFAULT_MODEL, NO_DEFAULT_MODEL, checkpoint_paths
+from detector.base.checkpoint import DEFAULT_MODEL, NO_DEFAULT_MODEL, installed
 from detector.base.defaults import (
     BATCH_SIZE_CPU,
     BATCH_SIZE_CUDA,
@@ -456,8 +456,7 @@ class _RegionBatches:
 
 def default_model() -> Path | None:
     """The installed default model's weights path, or ``None`` if it is not installed."""
-    weights, config = checkpoint_paths(DEFAULT_MODEL)
-    return weights if weights.is_file() and config.is_file() else None
+    return installed(DEFAULT_MODEL)
 
 
 def load_detector(models: str | os.PathLike | Sequence[str | os.PathLike] | None = None, **options) -> Detector:

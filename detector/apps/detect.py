@@ -241,8 +241,7 @@ def json_record(image: str, detections: Detections) -> dict:
 def model_header(models: list[str] | None) -> tuple[str, checkpoint.ModelInfo]:
     """The header line naming the model(s) and classes, and the (first) model's info, from the JSON alone."""
     if not models:
-        weights, config = checkpoint.checkpoint_paths(checkpoint.DEFAULT_MODEL)
-        if not (weights.is_file() and config.is_file()):
+        if checkpoint.installed(checkpoint.DEFAULT_MODEL) is None:
             raise UserError(checkpoint.NO_DEFAULT_MODEL)
         info = checkpoint.model_info(checkpoint.DEFAULT_MODEL)
         return f"default model: {info.summary()}", info

@@ -151,6 +151,12 @@ class ModelInfo:
         return self.name or self.classes_text(max_chars=60)
 
 
+def installed(path: str | os.PathLike) -> Path | None:
+    """The weights path of checkpoint ``path`` if both its files are there (an installed model), else None."""
+    weights, config = checkpoint_paths(path)
+    return weights if weights.is_file() and config.is_file() else None
+
+
 def model_info(path: str | os.PathLike) -> ModelInfo:
     """The :class:`ModelInfo` of checkpoint ``path``; :class:`UserError` if its JSON is missing or bad."""
     config = load_checkpoint_config(path)
