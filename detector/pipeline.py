@@ -10,7 +10,9 @@ engine serves every caller, through three public methods:
 
 With many images, crops of consecutive images share forward passes of up to ``batch_size`` crops, and
 proposals that must be computed come from ``workers`` spawned processes running ahead of the network
-(:func:`detector.proposal_source.proposal_stream`), so proposals and classification overlap. Members of
+(:func:`detector.proposal_source.proposal_stream`), so proposals and classification overlap; the
+processes are kept from one ``detect_stream`` call to the next (their start costs seconds) until
+``detector.close()`` (or ``with detector:``). Members of
 an ensemble with the same input settings share one image pyramid (and, with the same sampling, the same
 crops). The image goes to the device once (pinned memory, non-blocking copies); the warp runs there.
 
@@ -51,7 +53,7 @@ from detector.classifier import RegionClassifier, build_classifier_from_checkpoi
 from detector.detections import Detections, label_map
 from detector.device import resolve_device, resolve_precision
 from detector.postprocess import PostprocessConfig, postprocess
-from detector.proposal_source import ProposalSettings, proposal_stream, source_proposals
+from detector.proposal_source import ProposalSettings, proposal_pool, proposal_stream, source_proposals
 from detector.warp import image_pyramid, warp_pyramid
 
 STAGES = ("proposals", "warp", "classify", "postprocess")
@@ -148,6 +150,8 @@ class Detector:
         self.workers = workers
         self.compiled = bool(compile)
         self.sync_timings = False  # wait for the GPU at each stage boundary (exact stage times, slower)
+        # proposal workers, started by the first stream that needs them and kept for the next (see close())
+        self._proposal_pool = None
         self._names = np.array(("background",) + vocabulary.names, dtype=object)
         self._ids = np.array((0,) + vocabulary.ids, dtype=np.int64)
 
@@ -188,6 +192,19 @@ class Detector:
             raise UserError(f"post-processing settings: {err}") from None
         return cls(models, vocabulary, settings, post, BoxCoder(tuple(coder["weights"])), dev, precision,
                    batch_size, workers, compile)
+
+    def close(self) -> None:
+        """Stop the proposal worker processes kept between :meth:`detect_stream` calls (they also stop
+        when the detector is collected or the process ends); a later call starts new ones."""
+        if self._proposal_pool is not None:
+            self._proposal_pool.close()
+            self._proposal_pool = None
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- the data flow -------------------------------------------------------------------------------
 
@@ -252,7 +269,10 @@ class Detector:
         items = iter(items)
         head = list(islice(items, 2))
         # a pool pays off for several images whose proposals must be computed (judged by the first two)
-        pooled = self.proposals.computed and self.workers != 0 and sum(item[2] is None for item in head) > 1
+        # (or, once a pool runs, kept from an earlier call, for any image whose proposals must be computed)
+        started = self._proposal_pool is not None and self._proposal_pool.started
+        pooled = self.proposals.computed and self.workers != 0 and (
+            sum(item[2] is None for item in head) > (0 if started else 1))
         read: deque = deque()
 
         def loaded() -> Iterator[np.ndarray | None]:  # what the pool computes proposals of (None: nothing)
@@ -266,7 +286,9 @@ class Detector:
                 read.append((image, job, given, name))
                 yield image if pooled and given is None and image is not None else None
 
-        stream = _pool_errors(proposal_stream(loaded(), self.proposals, self.workers)) if pooled else (
+        if pooled and self._proposal_pool is None:
+            self._proposal_pool = proposal_pool(self.workers)
+        stream = _pool_errors(proposal_stream(loaded(), self.proposals, pool=self._proposal_pool)) if pooled else (
             None for _ in loaded())
         for outcome in stream:
             image, job, given, name = read.popleft()

@@ -31,6 +31,7 @@ from detector.base.jobs import (
     imap_outcomes,
     opencv_single_thread,
 )
+from detector.base.pool import WorkerPool
 from proposals.propose import propose
 from proposals.store import lookup_keys
 
@@ -105,19 +106,29 @@ def _computed(image: np.ndarray | None, settings: ProposalSettings) -> np.ndarra
     return None if image is None else source_proposals(image, settings)
 
 
+def proposal_pool(workers: int | None = None) -> WorkerPool:
+    """A pool of ``workers`` processes (``None``: :func:`detector.base.jobs.default_workers`) set up to
+    compute proposals, for :func:`proposal_stream` calls that should share it (not started until used)."""
+    return WorkerPool(default_workers() if workers is None else workers, PROCESSES,
+                      initializer=opencv_single_thread)
+
+
 def proposal_stream(images: Iterable[np.ndarray | None], settings: ProposalSettings,
-                    workers: int | None = None) -> Iterator[Outcome]:
+                    workers: int | None = None, pool: WorkerPool | None = None) -> Iterator[Outcome]:
     """The proposals of each image, in order, as :class:`detector.base.jobs.Outcome` (``value``: float32
     ``(N, 4)`` or ``None`` where the image was ``None``; ``error``: why it failed; ``seconds``).
 
     A method source is computed by ``workers`` spawned processes (``None``: one per usable core but one,
     see :func:`detector.base.jobs.default_workers`; 0: in this thread) at most ``2 * workers`` images ahead
-    of the consumer. Stores need image names: use :func:`source_proposals`.
+    of the consumer. pool: a kept pool (:func:`proposal_pool`) to compute in instead of starting one for
+    this call (its size replaces ``workers``). Stores need image names: use :func:`source_proposals`.
     """
     if not settings.computed:
         raise ValueError("proposal_stream computes proposals; a store is read with source_proposals")
-    workers = default_workers() if workers is None else workers
     work = partial(_computed, settings=settings)
+    if pool is not None:
+        return imap_outcomes(work, images, keep=pool)
+    workers = default_workers() if workers is None else workers
     if workers == 0:
         return (attempt(work, image) for image in images)
     return imap_outcomes(work, images, workers, PROCESSES, initializer=opencv_single_thread)

@@ -272,6 +272,33 @@ def test_proposals_from_the_process_pool_equal_those_computed_here(two_photos, c
     outcomes = list(proposal_stream([images[0], None], pooled_detector.proposals, workers=1))
     np.testing.assert_array_equal(outcomes[0].value, pooled_detector.source_proposals(images[0]))
     assert outcomes[1].ok and outcomes[1].value is None  # None: nothing to compute
+    # the detector's pool is kept: a second call (even of one image) runs in the same processes, with no
+    # new start; close() stops them and a later call starts a new pool
+    pool = pooled_detector._proposal_pool
+    assert pool.started  # the first call started it (the proposals above came from its process)
+    workers_before = set(pool.executor._processes)
+    again = pooled_detector.detect_batch(images[:1])
+    assert_same_detections(again[0], here[0], atol=0)
+    assert pooled_detector._proposal_pool is pool and set(pool.executor._processes) == workers_before
+    pooled_detector.close()
+    assert not pool.started and pooled_detector._proposal_pool is None
+
+
+def test_a_kept_worker_pool_serves_several_jobs_and_restarts_after_close():
+    from detector.base.pool import THREADS, WorkerPool, imap_outcomes
+
+    with WorkerPool(2, THREADS) as pool:
+        first = [o.value for o in imap_outcomes(abs, [-1, -2, 3], keep=pool)]
+        executor = pool.executor
+        second = [o.value for o in imap_outcomes(abs, [-4], keep=pool)]
+        assert pool.executor is executor  # the same threads served both jobs
+        # a job stopped early (a consumer that breaks off) leaves the pool usable for the next one
+        for _ in imap_outcomes(abs, range(-50, 0), keep=pool):
+            break
+        assert [o.value for o in imap_outcomes(abs, [-5], keep=pool)] == [5]
+    assert (first, second) == ([1, 2, 3], [4]) and not pool.started
+    assert [o.value for o in imap_outcomes(abs, [-6], keep=pool)] == [6] and pool.started  # started anew
+    pool.close()
 
 
 def test_the_stream_reports_bad_images_in_order_and_goes_on(two_photos, checkpoints, tmp_path):

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +85,54 @@ def _pool(workers: int, pool: str, initializer: Callable[[], None] | None) -> Ex
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
+class WorkerPool:
+    """A pool of ``workers`` workers (``pool``: :data:`PROCESSES` or :data:`THREADS`) kept across jobs.
+
+    Starting spawned processes costs seconds (imports, numba's cache: ~5 s for 2 workers on a busy
+    2-core machine), so a caller that runs many short jobs (``Detector.detect_stream`` called once per
+    folder, a server) starts them once: the pool is made on first use of :attr:`executor` and lives until
+    :meth:`close` (or the end of the process). A worker that dies breaks the pool; the next job starts a new one.
+    """
+
+    def __init__(self, workers: int, pool: str = PROCESSES, initializer: Callable[[], None] | None = None):
+        if workers < 1:
+            raise ValueError(f"a worker pool needs workers >= 1, got {workers}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.workers, self.pool, self.initializer = workers, pool, initializer
+        self._executor: Executor | None = None
+        self._finalizer = None
+
+    @property
+    def executor(self) -> Executor:
+        """The running executor, started (or restarted after a broken one) on demand."""
+        if self._executor is not None and getattr(self._executor, "_broken", False):
+            self.close()
+        if self._executor is None:
+            self._executor = _pool(self.workers, self.pool, self.initializer)
+            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True, cancel_futures=True)
+        return self._executor
+
+    @property
+    def started(self) -> bool:
+        return self._executor is not None
+
+    def close(self) -> None:
+        """Stop the workers (idempotent); a later job starts new ones."""
+        if self._finalizer is not None:
+            self._finalizer()  # shuts the executor down, once
+        self._executor, self._finalizer = None, None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def imap_outcomes(work: Callable[[Any], Any], items: Iterable, workers: int = 0, pool: str = PROCESSES,
-                  read_ahead: int | None = None, initializer: Callable[[], None] | None = None) -> Iterator[Outcome]:
+                  read_ahead: int | None = None, initializer: Callable[[], None] | None = None,
+                  keep: WorkerPool | None = None) -> Iterator[Outcome]:
     """``attempt(work, item)`` for each item, yielded in item order.
 
     workers: 0 works in the calling thread; else a pool of that many (``pool``: :data:`PROCESSES`,
@@ -94,14 +141,18 @@ def imap_outcomes(work: Callable[[Any], Any], items: Iterable, workers: int = 0,
     read_ahead: items in flight at most (default ``2 * workers``): what waits in memory while the
         caller is busy with earlier results.
     initializer: run once in each worker process or thread (e.g. :func:`opencv_single_thread`).
+    keep: a :class:`WorkerPool` to run in (its workers, pool kind and initializer replace ``workers``,
+        ``pool`` and ``initializer``); it stays open afterwards, for the caller's next job.
     """
+    if keep is not None:
+        workers = keep.workers
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if workers == 0:
         yield from (attempt(work, item) for item in items)
         return
     window = max(1, read_ahead if read_ahead is not None else 2 * workers)
-    executor = _pool(workers, pool, initializer)
+    executor = keep.executor if keep is not None else _pool(workers, pool, initializer)
     pending: deque = deque()
     try:
         for item in items:
@@ -111,7 +162,13 @@ def imap_outcomes(work: Callable[[Any], Any], items: Iterable, workers: int = 0,
         while pending:
             yield _result(pending.popleft())
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        if keep is None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        else:  # a kept pool outlives this job: only this job's unfinished work is dropped
+            for future in pending:
+                future.cancel()
+            if any(not f.cancelled() for f in pending):  # running ones finish before the next job's
+                wait(pending)
 
 
 def _result(future) -> Outcome:
