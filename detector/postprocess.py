@@ -8,17 +8,23 @@ non-maximum suppression independently per class. Here, in order:
 3. per-class NMS with :func:`torchvision.ops.batched_nms`: a box is suppressed by a higher-scoring
    box of the same class with IoU in ``(nms_iou, 1]`` (R-CNN used 0.3);
 4. the ``max_detections`` highest-scoring survivors across classes.
+
+For pictures only, :func:`suppress_across_classes` then removes cross-class duplicates (one object
+labelled bishop, pawn and knight): class-agnostic NMS over the survivors. Evaluation never uses it (a
+lower-scoring right class under a wrong one would be lost, and AP counts every class's ranking).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 
 from detector.base.defaults import MAX_DETECTIONS, NMS_IOU, SCORE_THRESHOLD
+from detector.detections import Detections
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,24 @@ def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size
     cand_boxes, cand_scores, cand_labels = cand_boxes[has_area], cand_scores[has_area], cls[has_area] + 1
     keep = batched_nms(cand_boxes, cand_scores, cand_labels, config.nms_iou)[:config.max_detections]
     return Kept(cand_boxes[keep], cand_scores[keep], cand_labels[keep])
+
+
+def suppress_across_classes(detections: Detections, iou: float) -> Detections:
+    """Class-agnostic NMS after the per-class one, for display: a detection is dropped when a
+    higher-scoring detection of any class overlaps it with IoU in ``(iou, 1]``
+    (:func:`torchvision.ops.nms`). The survivors keep their order (highest score first), labels,
+    names and ids. Not for evaluation (see the module's docstring).
+
+    detections: one image's, boxes float32 ``(K, 4)`` xyxy pixels.
+    iou: in ``(0, 1]``; 1 keeps everything but exact copies.
+    """
+    if not 0.0 < iou <= 1.0:
+        raise ValueError(f"iou must be in (0, 1], got {iou}")
+    if len(detections) < 2:
+        return detections
+    keep = nms(torch.as_tensor(np.asarray(detections.boxes, np.float32)),
+               torch.as_tensor(np.asarray(detections.scores, np.float32)), iou)
+    keep = np.sort(keep.numpy())  # the input order: highest score first, ties as they came
+    return replace(detections, boxes=detections.boxes[keep], scores=detections.scores[keep],
+                   labels=detections.labels[keep], class_names=tuple(detections.class_names[i] for i in keep),
+                   class_ids=detections.class_ids[keep])

@@ -273,6 +273,14 @@ def test_resume_after_an_interrupted_run_equals_the_uninterrupted_run(data, ilsv
         assert (out / name).read_bytes() == (ilsvrc_run / name).read_bytes()
 
 
+def test_rerun_into_the_same_out_says_it_replaces_the_evaluation(data, ilsvrc_run, tmp_path, capsys):
+    out = tmp_path / "again"
+    shutil.copytree(ilsvrc_run, out)
+    assert run_tool(main, ilsvrc_argv(data, out)) == 0  # the same settings: a resume, then a new evaluation
+    err = capsys.readouterr().err
+    assert "already done" in err and "replaces evaluation.json" in err
+
+
 @pytest.mark.slow  # two processes importing torch: 7 s on the idle 2-core machine, 25-35 s when busy
 def test_torchrun_two_ranks_merge_to_the_single_run(data, ilsvrc_run, tmp_path):
     out = tmp_path / "torchrun"

@@ -350,3 +350,56 @@ def test_workers_and_compile_reach_the_engine(photos, monkeypatch, capsys):
     assert given["workers"] == 0 and given["compile"] is True
     assert run([photos / "a.png", "--workers", "-1"]) == 2  # refused in one line, before any work
     assert "--workers" in capsys.readouterr().err
+
+
+def test_labels_never_hide_each_other_on_a_crowded_image():
+    from detector.draw import font_size, place_labels
+
+    # 60 boxes packed in a 5 x 12 grid of 40 x 30 cells on a 480 x 200 image: every tag (60 x 16) is wider
+    # than its box, so the places above and inside collide with the neighbours' tags
+    image_size = (200, 480)
+    boxes = np.array([[40 * c, 30 * r + 40, 40 * c + 38, 30 * r + 68] for r in range(5) for c in range(12)], float)
+    placed = place_labels(boxes, [(60.0, 16.0)] * len(boxes), image_size)
+    rects = [r for r in placed if r is not None]
+    assert len(rects) >= 40  # most tags find a place; none is drawn over another
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and a[2] <= 480 and 0 <= a[1] and a[3] <= 200
+        for b in rects[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    # the first (best) tag gets its first choice, above its box; a box at the top edge gets its tag inside
+    assert placed[0] == (0.0, 24.0, 60.0, 40.0)
+    assert place_labels(np.array([[5.0, 0, 50, 40]]), [(30.0, 10.0)], (100, 100)) == [(5.0, 0.0, 35.0, 10.0)]
+    # the same box three times: above, then (above taken) inside at the top, then below the box
+    three = place_labels(np.array([[10.0, 20, 40, 50]] * 3), [(30.0, 10.0)] * 3, (100, 100))
+    assert three == [(10.0, 10.0, 40.0, 20.0), (10.0, 20.0, 40.0, 30.0), (10.0, 50.0, 40.0, 60.0)]
+    assert font_size((480, 640)) == 11 and font_size((1371, 2048)) == 34 and font_size((100, 120)) == 10
+
+
+def test_drawn_crowded_detections_keep_every_tag_readable():
+    # 30 detections of 3 classes on a 200 x 300 image: the drawing succeeds and each tag colour appears
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 250, (30, 2)) * [1, 0.6]
+    boxes = np.c_[xy, xy + 40].astype(np.float32)
+    labels = np.array([1, 2, 3] * 10)
+    dets = Detections(boxes=boxes, scores=np.linspace(0.99, 0.5, 30, dtype=np.float32), labels=labels,
+                      class_names=tuple(["a", "b", "c"][i - 1] for i in labels), class_ids=labels,
+                      image_size=(200, 300))
+    out = draw_detections(np.zeros((200, 300, 3), np.uint8), dets)
+    for label in (1, 2, 3):
+        assert (out == class_colour(label)).all(axis=2).sum() > 100
+
+
+def test_agnostic_nms_option(model, chess_images, tmp_path):
+    path, _ = model
+    plain, agnostic = tmp_path / "plain.json", tmp_path / "agnostic.json"
+    common = [chess_images[0], "--model", path, "--device", "cpu", "--threshold", "0.01"]
+    assert run([*common, "--json", plain]) == 0
+    assert run([*common, "--json", agnostic, "--agnostic-nms", "0.3"]) == 0
+    before, after = read_json_lines(plain)[0]["detections"], read_json_lines(agnostic)[0]["detections"]
+    assert 0 < len(after) <= len(before) and after[0] == before[0]  # the best detection always stays
+    boxes = np.array([d["box"] for d in after])
+    from detector.base.boxes import box_iou
+
+    iou = box_iou(boxes, boxes)
+    assert (iou[np.triu_indices(len(boxes), 1)] <= 0.3 + 1e-3).all()
+    assert run([*common, "--agnostic-nms", "0"]) == 2  # (0, 1]: refused in one line

@@ -52,7 +52,7 @@ from detector.base.checkpoint import NO_DEFAULT_MODEL
 from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
 from detector.base.files import atomic_write, check_output_file, check_output_folder
-from detector.base.jobs import Shard, default_workers, refuse_all_failed
+from detector.base.jobs import Shard, default_workers, print_failures, refuse_all_failed
 from detector.base.options import (
     diagnose_top,
     iou,
@@ -326,10 +326,8 @@ def detect_dataset(args):
     print(f"wrote {path} ({count} detections on {len(dataset)} images)")
     summary.update(dataset_images=len(dataset), detections=count, unreadable=len(merged.failures),
                    failures=merged.failures)
-    if merged.failures:
-        print(f"{len(merged.failures)} of {len(dataset)} images could not be read (no detections; scored as the "
-              f"devkit would): " + "; ".join(f"{k}: {v}" for k, v in list(merged.failures.items())[:5])
-              + (" ..." if len(merged.failures) > 5 else ""), file=sys.stderr)
+    print_failures(merged.failures, f"they have no detections and are scored as the devkit would ({len(dataset)} "
+                   "images in all)", len(dataset))  # on stderr, every image with its reason
     return path, dataset, summary
 
 
@@ -372,6 +370,9 @@ def check_outputs(args) -> None:
 
 def model_mode(args) -> int:
     run = model_mode_args(args)
+    if (run.out / "evaluation.json").exists():  # a rerun resumes the detections; say what it replaces
+        print(f"note: {run.out} holds an earlier run's evaluation; this run replaces evaluation.json, per_class.txt, "
+              "run_summary.json and the plots there (give another --out to keep them)", file=sys.stderr)
     with show_warnings():
         path, dataset, summary = detect_dataset(run)
         if path is None:

@@ -1,7 +1,7 @@
 """Detect objects in images with the default model or a checkpoint.
 
     gdet-detect INPUT [INPUT ...] [--model PATH [--model PATH ...]] [--classes NAME[,NAME...]]
-                [--json OUT|-] [--out PATH] [--threshold T] [--max-proposals N] [--proposals METHOD|STORE]
+                [--json OUT|-] [--out PATH] [--threshold T] [--agnostic-nms IOU] [--max-proposals N] [--proposals METHOD|STORE]
                 [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--threads N] [--workers N] [--compile]
     (python tools/detect.py ... in a checkout runs the same code)
 
@@ -37,7 +37,7 @@ from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
 from detector.base.files import check_output_file, check_output_folder
 from detector.base.io import IMAGE_EXTENSIONS, load_image
-from detector.base.options import method_or_store, non_negative_int, positive_int, probability
+from detector.base.options import iou, method_or_store, non_negative_int, positive_int, probability
 from detector.base.threads import add_threads_argument, configure_threads
 from detector.draw import draw_detections, save_image
 from proposals.store import open_proposal_source
@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="draw the detections: an image file for one input, a folder for several")
     parser.add_argument("--threshold", type=probability, default=0.5,
                         help="report detections with score in [T, 1] (default 0.5; 0.05 for evaluation)")
+    parser.add_argument("--agnostic-nms", type=iou, metavar="IOU",
+                        help="for pictures: after the per-class NMS, drop a detection overlapping a higher-scoring "
+                             "one of any class with IoU in (IOU, 1], e.g. 0.5 (one label per object; after "
+                             "--classes; off by default, and never in gdet-benchmark, for evaluation)")
     parser.add_argument("--max-proposals", type=positive_int, metavar="N",
                         help="classify at most N proposals per image (default: the checkpoint's)")
     parser.add_argument("--proposals", metavar="METHOD|STORE", type=method_or_store,
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header, file=report, flush=True)
 
     from detector.pipeline import load_detector  # torch and numba: after parsing, so --help answers at once
+    from detector.postprocess import suppress_across_classes  # torch, as above
 
     detector = load_detector(args.model or checkpoint.DEFAULT_MODEL, device=args.device,
                              precision=args.precision, proposals=open_proposal_source(args.proposals),
@@ -297,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(detections, UserError):
                     raise detections
                 detections = keep_classes(detections, classes)
+                if args.agnostic_nms is not None:
+                    detections = suppress_across_classes(detections, args.agnostic_nms)
                 if image is not None:
                     save_image(outputs[i], draw_detections(image, detections))
             except UserError as err:

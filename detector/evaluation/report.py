@@ -23,9 +23,20 @@ def save_json(result: EvalResult, path: str | Path) -> None:
         json.dump(result.to_dict(), f, indent=2)
 
 
+def pr_panels(ranked: list, num_curves: int) -> list[tuple[str, list]]:
+    """The PR plot's panels as ``(title, classes)``: ``ranked`` (class ids by rising AP) in one panel when
+    it has at most ``num_curves`` classes, else the ``num_curves`` worst and the best of the rest (at most
+    ``num_curves``, best first), so no class is drawn twice (one class was once "worst" and "best")."""
+    if len(ranked) <= num_curves:
+        return [(f"all {len(ranked)} class{'es' * (len(ranked) != 1)}", list(ranked))]
+    worst = list(ranked[:num_curves])
+    best = list(ranked[max(num_curves, len(ranked) - num_curves):][::-1])
+    return [(f"{len(worst)} worst classes", worst), (f"{len(best)} best classes", best)]
+
+
 def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -> list[Path]:
-    """PNG plots in ``out_dir``: ``pr_curves.png`` (the ``num_curves`` worst and best classes' precision/recall)
-    and ``ap_per_class.png`` (every class's AP, sorted, with the mean). Returns the written paths."""
+    """PNG plots in ``out_dir``: ``pr_curves.png`` (precision/recall of every class when there are at most
+    ``num_curves``, else of the ``num_curves`` worst and best, see :func:`pr_panels`) and ``ap_per_class.png`` (every class's AP, sorted, with the mean). Returns the written paths."""
     plt = pyplot()
 
     out_dir = Path(out_dir)
@@ -33,9 +44,8 @@ def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -
     written = []
     ranked = sorted(result.ap, key=lambda c: (result.ap[c], c))
     if ranked and result.curves:
-        n = min(num_curves, len(ranked))
-        picks = [("worst", ranked[:n]), ("best", ranked[::-1][:n])]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), squeeze=False)
+        picks = pr_panels(ranked, num_curves)
+        fig, axes = plt.subplots(1, len(picks), figsize=(6 * len(picks), 5.5), squeeze=False)
         for ax, (title, classes) in zip(axes[0], picks):
             for cid in classes:
                 curve = result.curves.get(cid)
@@ -44,7 +54,7 @@ def plot_results(result: EvalResult, out_dir: str | Path, num_curves: int = 8) -
                 recall, precision = curve
                 ax.plot(np.r_[0.0, recall], np.r_[precision[0] if len(precision) else 0.0, precision],
                         label=f"{result.class_names.get(cid, cid)} ({result.ap[cid]:.3f})")
-            ax.set(title=f"{n} {title} classes", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+            ax.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower left")
         fig.suptitle(f"{result.protocol}: precision/recall, mAP {result.mAP:.4f}")
