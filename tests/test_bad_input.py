@@ -220,11 +220,46 @@ def test_precompute_with_every_image_failed_exits_1_with_the_count(tmp_path, cap
     assert run_tool(precompute_proposals.main, argv) == 1
     captured = capsys.readouterr()
     assert "every image failed" in captured.out and "complete" not in captured.out
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: all 2 images failed (first: a.png: ")
+    # stderr: each image with its reason, then the one error line (which says the count)
+    err = captured.err.strip().splitlines()
+    assert [line.split(":")[0:2] for line in err[:-1]] == [["failed", " a.png"], ["failed", " b.jpg"]], err
+    assert err[-1].startswith("error: all 2 images failed (first: a.png: ")
     # a rerun (the images are still bad) says so again; a good image among them would make it exit 0
     assert run_tool(precompute_proposals.main, argv + ["--retry-failed"]) == 1
     assert "all 2 images failed" in capsys.readouterr().err
+
+
+def test_failed_images_are_reported_on_stderr(tmp_path, capsys):
+    # issue 18: a list naming a missing image, --strict; the report table may go to a file (stdout), the
+    # failures must still reach the terminal: every failed image and the count on stderr, exit 1
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / "good.png")
+    (tmp_path / "list.txt").write_text("good.png\nmissing.png\n")
+    argv = [str(tmp_path / "list.txt"), "--image-root", str(folder), "--out", str(tmp_path / "store"),
+            "--max-side", "48", "--no-progress", "--strict"]
+    assert run_tool(precompute_proposals.main, argv) == 1
+    captured = capsys.readouterr()
+    assert "1 failed" in captured.out  # the report table
+    assert "missing.png" not in captured.out and "Traceback" not in captured.err
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("failed: missing.png: "), err
+    assert err[1] == "1 image failed; rerun with --retry-failed to try them again"
+    # a rerun lists the recorded failure again, on stderr
+    assert run_tool(precompute_proposals.main, argv) == 1
+    assert capsys.readouterr().err.startswith("failed: missing.png: ")
+
+
+def test_the_failure_report_of_every_batch_job(capsys):
+    JobReport(total=3, failures={"a.png": "missing", "b.png": "truncated"}).print_failures("rerun")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == ["failed: a.png: missing", "failed: b.png: truncated",
+                                         "2 images failed; rerun"]
+    JobReport(total=2, failures={"a.png": "missing", "b.png": "x"}).print_failures("rerun")
+    assert capsys.readouterr().err.splitlines()[-1] == "failed: b.png: x"  # all failed: the error line counts
+    JobReport(total=2).print_failures("rerun")
+    assert capsys.readouterr() == ("", "")
 
 
 def test_the_all_failed_rule():
@@ -373,7 +408,7 @@ def test_image_named_with_non_utf8_bytes_on_a_strict_stdout(tmp_path):
                             env={**os.environ, "PYTHONIOENCODING": "ascii:strict"})
     out, err = result.stdout.decode("ascii"), result.stderr.decode("ascii")
     assert result.returncode == 0 and "Traceback" not in err, err
-    assert "failed: bad\\udcff.png: " in out and "complete" in out
+    assert "failed: bad\\udcff.png: " in err and "complete" in out
     from proposals import ProposalStore
 
     store = ProposalStore(tmp_path / "store")

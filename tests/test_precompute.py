@@ -90,8 +90,8 @@ def test_one_run_records_failures_and_goes_on(images, tmp_path):
 def test_tool_exit_codes_and_strict(images, tmp_path, capsys):
     out = str(tmp_path / "t")
     assert tool_main([str(images), "--out", out, "--max-side", "96", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "2 failed" in printed and "failed: b/truncated.jpg" in printed
+    printed = capsys.readouterr()
+    assert "2 failed" in printed.out and "failed: b/truncated.jpg" in printed.err  # failures on stderr
     # Rerun: nothing to do, the failures are listed again; --strict turns them into exit 1.
     assert tool_main([str(images), "--out", out, "--max-side", "96", "--no-progress", "--strict"]) == 1
     assert "12 already done" in capsys.readouterr().out
@@ -106,10 +106,10 @@ def test_failures_are_retried_with_retry_failed(images, tmp_path, capsys):
     (folder / "late.jpg").write_bytes(good[0].read_bytes()[:100])  # still being copied: truncated
     argv = [str(folder), "--out", str(tmp_path / "s"), "--max-side", "96", "--no-progress"]
     assert tool_main(argv) == 0
-    out = capsys.readouterr().out
-    assert "failed: late.jpg" in out and "rerun with --retry-failed" in out
+    err = capsys.readouterr().err
+    assert "failed: late.jpg" in err and "rerun with --retry-failed" in err
     (folder / "late.jpg").write_bytes(good[0].read_bytes())  # the copy has finished
-    assert tool_main(argv) == 0 and "failed: late.jpg" in capsys.readouterr().out  # recorded: not tried again
+    assert tool_main(argv) == 0 and "failed: late.jpg" in capsys.readouterr().err  # recorded: not tried again
     assert tool_main([*argv, "--retry-failed", "--json", str(tmp_path / "r.json")]) == 0
     assert "1 processed" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())

@@ -58,7 +58,7 @@ def test_tiny_run_writes_a_loadable_detector_and_lists_corrupt_images(chess, tmp
     result = run_tool("--train", train, "--val", val, "--out", out, *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     # the corrupt image is skipped, counted and listed, not silently dropped
-    assert "2 images usable, 1 skipped" in result.stdout and "broken.jpg" in result.stdout
+    assert "failed: broken.jpg: " in result.stderr and "1 image failed; left out of training" in result.stderr
     assert "broken.jpg" in (out / "skipped_images.txt").read_text()
     for name in ("last.safetensors", "last.json", "best.safetensors", "last.state.pt", "metrics.jsonl",
                  "curves.png"):

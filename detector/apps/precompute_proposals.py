@@ -140,10 +140,7 @@ def main(argv=None) -> int:
     state = ("has no proposals: every image failed" if report.all_failed
              else "complete" if report.complete else "incomplete")
     print(f"{report.summary()}; store {args.out} {state}")
-    for name, reason in report.failures.items():
-        print(f"failed: {name}: {reason}")
-    if report.failures and not args.retry_failed:
-        print(f"{len(report.failures)} images failed; rerun with --retry-failed to try them again")
+    report.print_failures("rerun with --retry-failed to try them again")  # on stderr, with every failed image
     if args.json:
         with atomic_open(args.json) as f:
             json.dump(report.to_dict(), f, indent=1)

@@ -15,7 +15,8 @@ and training's proposals all run through :func:`run_job`:
   run); :attr:`JobReport.failures` lists every failed item of the shard at the end, this run's and
   earlier runs', and ``retry_failed`` does them again.
 - **One report** (:class:`JobReport`: items done / skipped / failed, seconds, items/s, ``to_dict``),
-  **one progress bar** (tqdm).
+  **one progress bar** (tqdm), and **one failure report** (:func:`print_failures`): every failed item
+  and the final count on stderr, so a user who sends the report table to a file still sees the errors.
 - **One concurrency model** (:mod:`detector.base.pool`, whose names this module re-exports): ``workers``
   processes started with ``spawn``, or threads for work that releases the GIL (measured there), or the
   calling thread (``workers == 0``); results come back in item order.
@@ -27,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +51,8 @@ from detector.base.pool import (
 
 __all__ = ["POOLS", "PROCESSES", "THREADS", "AllFailed", "ChunkSink", "Chunks", "ItemFailed", "JobConfig",
            "JobReport", "Outcome", "Shard", "attempt", "claim_manifest", "default_workers", "imap_outcomes",
-           "missing_chunks", "opencv_single_thread", "refuse_all_failed", "run_job", "settings_digest",
+           "missing_chunks", "opencv_single_thread", "print_failures", "refuse_all_failed", "run_job",
+           "settings_digest",
            "wait_for_chunks"]
 
 
@@ -305,6 +308,10 @@ class JobReport:
         return (f"shard {self.shard}: {self.total} {unit}, {self.skipped} already done, {self.done} {verb} in "
                 f"{self.seconds:.1f} s ({self.items_per_second:.2f} {unit}/s), {len(self.failures)} failed")
 
+    def print_failures(self, what_to_do: str | None, unit: str = "images", file=None) -> None:
+        """Every failed item of the shard and the count, on stderr (see :func:`print_failures`)."""
+        print_failures(self.failures, what_to_do, self.total, unit, file)
+
     def to_dict(self) -> dict:
         return {"shard": [self.shard.index, self.shard.count], "total": self.total, "skipped": self.skipped,
                 "done": self.done, "failed": len(self.failures), "seconds": round(self.seconds, 3),
@@ -371,6 +378,25 @@ def refuse_all_failed(failures: Mapping[str, str], total: int, unit: str = "imag
         name, reason = next(iter(failures.items()))
         raise AllFailed(f"all {total} {unit} failed (first: {name}: {reason}); fix the cause and rerun with "
                         "--retry-failed")
+
+
+def print_failures(failures: Mapping[str, str], what_to_do: str | None, total: int = 0, unit: str = "images",
+                   file=None) -> None:
+    """The failure report of every batch job: one ``failed: NAME: REASON`` line per failed item, then
+    ``N images failed; WHAT_TO_DO``, on ``file`` (default: stderr, so that a report table sent to a file
+    leaves the errors on the terminal). Nothing when nothing failed. When all ``total`` items failed the
+    count line is left out: :func:`refuse_all_failed` says it, as the run's error line. ``what_to_do``
+    None: the count line without advice."""
+    if not failures:
+        return
+    file = sys.stderr if file is None else file
+    for name, reason in failures.items():
+        print(f"failed: {name}: {reason}", file=file)
+    if total > 0 and len(failures) >= total:
+        return
+    if len(failures) == 1 and unit.endswith("s"):
+        unit = unit[:-1]  # "1 image failed"
+    print(f"{len(failures)} {unit} failed" + (f"; {what_to_do}" if what_to_do else ""), file=file)
 
 
 def missing_chunks(sink: ChunkSink, chunks: Chunks) -> list[int]:

@@ -11,6 +11,7 @@ held-out images (recall at IoU 0.5 and 0.7, MABO) that picks the best checkpoint
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -191,9 +192,9 @@ def run_multibox_training(config: MultiBoxTrainConfig, ctx: DistContext = DistCo
     if config.val is not None:
         val_images = ResizedImages(_open(config.val), size, preload=True, progress=ctx.is_main)
     failed = train_images.failed + (val_images.failed if val_images else [])
-    if failed:
-        report(f"{len(failed)} unreadable image(s) skipped: " + "; ".join(p for p, _ in failed[:5])
-               + (" ..." if len(failed) > 5 else ""))
+    if failed and ctx.is_main:  # on stderr, as every batch job's failures (each was warned about when read)
+        print(f"{len(failed)} unreadable image(s) skipped: " + "; ".join(p for p, _ in failed[:5])
+              + (" ..." if len(failed) > 5 else ""), file=sys.stderr)
     data_key = {"annotations": str(config.train.annotations), "split": config.train.split,
                 "images": len(train_images), "priors": priors_source}
     batches = BatchConfig(config.batch_size, True, config.engine.seed)

@@ -23,7 +23,7 @@ from detector.base.checkpoint import load_checkpoint, make_checkpoint_config, sa
 from detector.base.defaults import MAX_PROPOSALS, PROPOSAL_METHOD
 from detector.base.errors import UserError
 from detector.base.files import atomic_write
-from detector.base.jobs import Shard, default_workers, settings_digest
+from detector.base.jobs import Shard, default_workers, print_failures, settings_digest
 from detector.box_coder import BoxCoder
 from detector.classifier import ClassifierConfig, RegionClassifier, load_backbone_weights
 from detector.data import open_dataset
@@ -262,11 +262,9 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
     train_set = open_dataset(config.train, config.train_split, annotations=config.ilsvrc_annotations,
                              image_root=config.image_root, progress=progress)
     check = check_images(train_set, decode=config.verify_images, progress=progress)
-    if check.skipped:
-        report(f"training set: {check.report()}")
-        if ctx.is_main:
-            atomic_write(Path(config.out_dir) / "skipped_images.txt",
-                         "".join(f"{p}\t{r}\n" for p, r in check.skipped))
+    if check.skipped and ctx.is_main:  # each image and the count on stderr, as every batch job's failures
+        print_failures(dict(check.skipped), "left out of training (listed in skipped_images.txt)", len(train_set))
+        atomic_write(Path(config.out_dir) / "skipped_images.txt", "".join(f"{p}\t{r}\n" for p, r in check.skipped))
     if not check.records:
         raise UserError(f"dataset '{config.train}': none of its {len(train_set)} images can be read; check "
                         "the image folder")
@@ -281,8 +279,8 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
                                image_root=config.image_root, progress=progress)
         val_set = align_vocabulary(val_set, train_set, config.val)
         val_check = check_images(val_set, decode=config.verify_images)
-        if val_check.skipped:
-            report(f"validation set: {val_check.report()}")
+        if ctx.is_main:
+            print_failures(dict(val_check.skipped), "left out of validation")
         records = val_check.records[: config.val_images] if config.val_images else val_check.records
         val_set = Dataset(records, val_set.vocab, val_set.image_root, val_set.name)
         val_proposals = split_proposals(config.proposals, val_set, split_name(config.val, config.val_split), ctx,
