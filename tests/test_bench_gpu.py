@@ -21,8 +21,11 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     names = {(r["group"], r["name"]) for r in rows}
-    assert {g for g, _ in names} == {"network", "classifier", "engine", "train"}
-    assert len(rows) == 11 and all(r["per_second"] > 0 for r in rows), rows
+    assert {g for g, _ in names} == {"network", "classifier", "engine", "train", "process"}
+    timed = [r for r in rows if r["group"] != "process" or r["unit"] == "images"]
+    assert len(timed) == 12 and all(r["per_second"] > 0 for r in timed), rows
+    processes = [r for r in rows if r["group"] == "process" and r["unit"] == "s"]
+    assert len(processes) == 2 and all(r["seconds"] > 0 for r in processes), processes  # cold, then warm
     engine = [r for r in rows if r["group"] == "engine"]
     assert all(r["images_per_second"] > 0 for r in engine) and len(engine) == 4
     assert "best engine (precomputed proposals) / best bare network" in done.stdout
