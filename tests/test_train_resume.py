@@ -186,6 +186,47 @@ def test_non_finite_weights_never_replace_the_last_good_state(tmp_path):
     assert state["iteration"] == 5
 
 
+def nan_loss_at(step: int):
+    """A loss that is NaN at the ``step``-th step (1-based, as metrics.jsonl and the messages count)."""
+    def loss(model, batch):
+        value, parts = loss_fn(model, batch)
+        return (value * float("nan") if batch["iteration"] == step - 1 else value), parts
+
+    return loss
+
+
+class CountingSource(SyntheticSource):
+    def batch(self, iteration: int):
+        return {**super().batch(iteration), "iteration": iteration}
+
+
+def test_a_nan_loss_is_one_line_and_the_last_good_checkpoint_is_kept(tmp_path, capsys):
+    # issue 18: a NaN loss mid-run (--lr 1e4) was a RuntimeError with a 22-line traceback, on resume too
+    from detector.base.cli import run_tool
+
+    out = tmp_path / "a"
+
+    def tool(argv):
+        run(out, iterations=12, source=CountingSource(), loss=nan_loss_at(8), resume=argv[0] if argv else None)
+
+    assert run_tool(tool, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: training diverged: the loss is nan at iteration 8; the last good checkpoint in "
+                          f"'{out}' (iteration 5) is kept; lower the learning rate (--lr) or check the data"), err
+    assert load_train_state(out)["iteration"] == 5  # kept, and nothing newer written
+    kept = files_of(out)
+    # the same on resume: iterations 6 and 7 again, then the same line
+    assert run_tool(tool, [str(out)]) == 2
+    assert capsys.readouterr().err == err
+    assert load_train_state(out)["iteration"] == 5
+    assert {k: v for k, v in files_of(out).items() if k != "metrics.jsonl"} == {
+        k: v for k, v in kept.items() if k != "metrics.jsonl"}
+    # before any checkpoint: says that none was written
+    with pytest.raises(UserError, match="at iteration 3; no checkpoint was written to"):
+        run(tmp_path / "b", iterations=12, source=CountingSource(), loss=nan_loss_at(3))
+
+
 def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
     run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):

@@ -195,6 +195,7 @@ class _Run:
         self.autocast, use_scaler = _autocast(config.amp, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if use_scaler else None
         self.best_metric, self.best_iteration = None, None
+        self.saved_iteration: int | None = None  # of the last good state in out_dir (None: none yet)
         self.train_model, self.log = model, None
         self.window: list[dict] = []
         self.t0 = self.window_t = time.perf_counter()
@@ -207,7 +208,7 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        start = int(state["iteration"])
+        start = self.saved_iteration = int(state["iteration"])
         self.best_metric, self.best_iteration = state.get("best_metric"), state.get("best_iteration")
         restore_rng_state(state["rng"])
         if start > self.total:
@@ -236,8 +237,7 @@ class _Run:
         with self.autocast:
             loss, parts = self.loss_fn(self.train_model, batch)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"the loss is {float(loss.detach())} at iteration {iteration}; lower the learning rate "
-                               "or check the data")
+            raise self.diverged(f"the loss is {float(loss.detach())} at iteration {iteration + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -286,9 +286,8 @@ class _Run:
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         bad = non_finite(weights)
         if bad:  # never replace the last good state with a broken one
-            raise UserError(f"the weights hold NaN or infinity at iteration {iteration} ({len(bad)} tensors, e.g. "
-                            f"{bad[0]}); the last good checkpoint in '{self.out_dir}' is kept; lower the learning "
-                            "rate or check the data")
+            raise self.diverged(f"the weights hold NaN or infinity at iteration {iteration} ({len(bad)} tensors, "
+                                f"e.g. {bad[0]})")
         save_checkpoint(self.out_dir / "last.safetensors", weights, cfg)
         if self.config.keep_snapshots:
             save_checkpoint(self.out_dir / f"iter_{iteration:06d}.safetensors", weights, cfg)
@@ -298,6 +297,15 @@ class _Run:
             "schedule": asdict(self.config.schedule), "resume_key": self.resume_key, "rng": capture_rng_state(),
             "best_metric": self.best_metric, "best_iteration": self.best_iteration,
         })
+        self.saved_iteration = iteration
+
+    def diverged(self, what: str) -> UserError:
+        """The one line for a run whose numbers are no longer finite: ``what`` happened, the last good
+        checkpoint is kept (nothing non-finite is ever saved), and what to do. A user's to fix (exit 2),
+        not a bug: the learning rate or the data."""
+        kept = (f"the last good checkpoint in '{self.out_dir}' (iteration {self.saved_iteration}) is kept"
+                if self.saved_iteration is not None else f"no checkpoint was written to '{self.out_dir}'")
+        return UserError(f"training diverged: {what}; {kept}; lower the learning rate (--lr) or check the data")
 
     def evaluate(self, iteration: int) -> None:
         """Evaluate on rank 0 (the random streams untouched), keep ``best`` if the metric improved, log it."""
