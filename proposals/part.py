@@ -43,13 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.base import files
 from detector.base.errors import UserError
-from detector.base.files import create_temporary
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: temporary files are then never cleaned as stale
-    fcntl = None
 
 MAGIC = b"PSTORE02"
 MAGIC_V1 = b"PSTORE01"  # the first format: no checksums; read with the layout checks only
@@ -205,38 +200,16 @@ def _digest16(*chunks: bytes) -> bytes:
 
 
 def _locked_temporary(folder: Path) -> tuple[int, str]:
-    """A new ``.part.*.tmp`` in ``folder``, open for writing and locked (``flock``) for as long as it is
-    open, so :func:`clean_temporary` leaves it alone while it is written."""
-    while True:
-        fd, tmp = create_temporary(folder, _TMP_PREFIX, ".tmp")  # mode from the umask, like any file
-        if fcntl is None:
-            return fd, tmp
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink > 0:
-            return fd, tmp
-        os.close(fd)  # a cleaner removed it between its creation and the lock: take another
+    """A new ``.part.*.tmp`` in ``folder``, open for writing and locked for as long as it is open, so
+    :func:`clean_temporary` leaves it alone while it is written (:func:`detector.base.files.locked_temporary`)."""
+    return files.locked_temporary(folder, _TMP_PREFIX, ".tmp")  # mode from the umask, like any file
 
 
 def clean_temporary(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary part files that killed writers left in ``folder`` (a compaction's can be as
-    large as the store); files that a live writer holds locked are kept. Returns the files removed."""
-    removed = []
-    if fcntl is None or not Path(folder).is_dir():
-        return removed
-    for path in sorted(Path(folder).glob(_TMP_PREFIX + "*.tmp")):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()  # while locked: a writer that has just created it sees it gone and takes another
-            removed.append(path)
-        except OSError:  # locked by a live writer, or already gone
-            pass
-        finally:
-            os.close(fd)
-    return removed
+    """Remove the temporary files that killed writers left in ``folder`` (a compaction's can be as large as
+    the store; :func:`detector.base.files.clean_temporary`, the one rule for every writer); files that a
+    live writer holds locked are kept. Returns the files removed."""
+    return files.clean_temporary(folder)
 
 
 class DamagedPart(UserError):

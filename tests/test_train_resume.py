@@ -50,7 +50,7 @@ def loss_fn(model, batch):
 
 
 def run(out_dir, iterations=12, crash_at=None, resume=None, resume_key=None, report=lambda s: None,
-        source=None, loss=loss_fn):
+        source=None, loss=loss_fn, warn=None):
     torch.manual_seed(0)
     model = TinyNet()
     # num_workers=0: the synthetic sources simulate a kill inside batch(), in this process
@@ -58,7 +58,7 @@ def run(out_dir, iterations=12, crash_at=None, resume=None, resume_key=None, rep
                           num_workers=0,
                           schedule=ScheduleConfig(base_lr=0.1, iterations=iterations, warmup_iters=3, kind="cosine"))
     train(model, source or SyntheticSource(crash_at), loss, config, model_config={"name": "tiny"},
-          resume_key=resume_key or {"model": "tiny"}, resume=resume, report=report)
+          resume_key=resume_key or {"model": "tiny"}, resume=resume, report=report, warn=warn)
     return model
 
 
@@ -92,9 +92,19 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 
 def test_resume_from_a_bad_file_is_a_user_error(tmp_path):
     bad = tmp_path / "last.state.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable training state"):
-        load_train_state(bad)
+    # issue 18: never torch's advice to load with weights_only=False (it runs the file's code); what the
+    # README promises instead
+    for content in (b"not a checkpoint", None):
+        if content is None:  # a pickle of an object a state never holds
+            torch.save({"format": "googlenet-detection/train-state", "x": TinyNet}, bad)
+        else:
+            bad.write_bytes(content)
+        with pytest.raises(UserError, match="not a readable training state") as err:
+            load_train_state(bad)
+        message = str(err.value)
+        assert "\n" not in message and "weights_only" not in message and "trusted" not in message, message
+        assert message.endswith("nothing was written: restore the file, or start a new run from the run's "
+                                "last.safetensors (--init-checkpoint)"), message
     with pytest.raises(UserError, match="does not exist"):
         load_train_state(tmp_path / "missing")
 
@@ -227,7 +237,7 @@ def test_a_nan_loss_is_one_line_and_the_last_good_checkpoint_is_kept(tmp_path, c
         run(tmp_path / "b", iterations=12, source=CountingSource(), loss=nan_loss_at(3))
 
 
-def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
+def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
     run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", crash_at=7)
@@ -235,9 +245,10 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
     torn_line = len(metrics.read_text().splitlines()) + 1
     with open(metrics, "a") as f:
         f.write('{"iteration": 7, "lr": 0.09, "lo')  # killed in the middle of an append
-    notes = []
-    run(tmp_path / "cut", resume=tmp_path / "cut", report=notes.append)
-    assert any(f"metrics.jsonl:{torn_line}: dropped a torn last line" in n for n in notes), notes
+    run(tmp_path / "cut", resume=tmp_path / "cut", report=print)
+    captured = capsys.readouterr()  # the warning on stderr (issue 18: it went to stdout), nothing on stdout
+    assert f"metrics.jsonl:{torn_line}: dropped a torn last line" in captured.err, captured
+    assert "torn" not in captured.out
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     # A damaged line that is not the last is not a torn append: one line naming it.
     lines = metrics.read_text().splitlines()
@@ -250,7 +261,7 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
 def test_a_settings_group_an_older_state_lacks_is_reported_not_refused(tmp_path):
     run(tmp_path / "a", iterations=5, resume_key={"model": "tiny"})
     notes = []
-    run(tmp_path / "a", iterations=6, resume=tmp_path / "a", report=notes.append,
+    run(tmp_path / "a", iterations=6, resume=tmp_path / "a", warn=notes.append,
         resume_key={"model": "tiny", "proposals": {"method": "ss-fast"}})
     assert any("does not record the proposals settings" in n for n in notes)
     # ... but once recorded, another value is refused like any other setting.
@@ -300,3 +311,52 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path):
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     assert not list(out.glob(".*tmp*"))
+
+
+KILLED_WRITER = """
+import sys, time
+from detector.base.files import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    with open(tmp, "wb") as f:
+        f.write(b"x" * 100000)  # the first part of a state
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(600)  # killed here
+"""
+
+
+def test_what_a_killed_state_writer_left_is_removed_by_a_rerun_or_resume(tmp_path, capsys):
+    # issue 18: a kill while last.state.pt is written left .last.state.pt.*.tmp.pt (31 MB) for good
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from detector.training.state import clean_run_folder
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "a"
+    run(out, iterations=5)
+
+    def kill_a_writer():
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out / "last.state.pt")], cwd=root,
+                                env=dict(os.environ, PYTHONPATH=str(root)), stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "writing\n"
+        left = list(out.glob(".last.state.pt.*.tmp.pt"))
+        assert len(left) == 1
+        assert clean_run_folder(out) == [] and left[0].exists()  # a live writer's file is kept
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        assert left[0].exists()  # what the kill leaves
+        return left[0]
+
+    left = kill_a_writer()
+    capsys.readouterr()
+    run(out, iterations=6, resume=out)  # a resume removes it, and says so on stderr
+    assert not left.exists() and not list(out.glob(".*tmp*"))
+    assert f"removed 1 temporary files a killed run left in '{out}' ({left.name})" in capsys.readouterr().err
+    assert load_train_state(out)["iteration"] == 6
+    left = kill_a_writer()
+    run(out, iterations=5)  # so does a new run in the same folder
+    assert not left.exists() and not list(out.glob(".*tmp*"))

@@ -9,7 +9,10 @@ not the ``0o600`` that :func:`tempfile.mkstemp` gives.
 
 The temporary name is ``.NAME.<random>.tmp.EXT`` beside ``NAME.EXT``: hidden, recognisably temporary,
 and still ending in the target's extension for writers that pick the format from it (``np.save``,
-matplotlib, Pillow). An ``OSError`` of the write (a full disk) names the target.
+matplotlib, Pillow). An ``OSError`` of the write (a full disk) names the target. The temporary file is
+locked (``flock``) while it is written (:func:`locked_temporary`), so :func:`clean_temporary` can remove
+what killed writers left (a run's state, a store's compaction: as large as what they write) and never a
+live writer's file.
 
 Two more rules every tool follows, here so that there is one of each:
 
@@ -24,6 +27,7 @@ Two more rules every tool follows, here so that there is one of each:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +35,11 @@ from pathlib import Path
 from typing import IO
 
 from detector.base.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: temporary files are then never cleaned as stale
+    fcntl = None
 
 
 def _umask() -> int:
@@ -60,6 +69,53 @@ def create_temporary(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp
     return fd, tmp
 
 
+def locked_temporary(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """:func:`create_temporary`, locked (``flock``) for as long as ``fd`` is open, so that
+    :func:`clean_temporary` leaves it alone while it is written."""
+    while True:
+        fd, tmp = create_temporary(folder, prefix, suffix)
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: written unlocked (cleaned only by name)
+            return fd, tmp
+        if os.fstat(fd).st_nlink > 0:
+            return fd, tmp
+        os.close(fd)  # a cleaner removed it between its creation and the lock: take another
+
+
+_TEMPORARY = re.compile(r"\..+\.[^.]+\.tmp(\.[^.]+)?")  # .NAME.<random>.tmp[.EXT]
+
+
+def clean_temporary(folder: str | os.PathLike, prefix: str = ".") -> list[Path]:
+    """Remove the temporary files that killed writers left in ``folder``: those of :func:`atomic_path`
+    and :func:`locked_temporary` whose name starts with ``prefix`` (``"."``: every one; ``".last.state.pt."``:
+    one file's). Files that a live writer holds locked are kept. Returns the files removed (a resume or
+    rerun says how many)."""
+    removed: list[Path] = []
+    if fcntl is None or not Path(folder).is_dir():
+        return removed
+    for path in sorted(Path(folder).iterdir()):
+        if not (path.name.startswith(prefix) and _TEMPORARY.fullmatch(path.name)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not os.path.isfile(path):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()  # while locked: a writer that has just created it sees it gone and takes another
+            removed.append(path)
+        except OSError:  # locked by a live writer, or already gone
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` for the caller to write; on a normal exit it is fsynced
@@ -70,8 +126,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = create_temporary(target.parent, f".{target.name}.", f".tmp{target.suffix}")
-    os.close(fd)
+    lock, name = locked_temporary(target.parent, f".{target.name}.", f".tmp{target.suffix}")
     tmp = Path(name)
     try:
         yield tmp
@@ -87,6 +142,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         if isinstance(err, OSError) and err.filename is None:  # a failed write(): name the file it was for
             err.filename = str(target)
         raise
+    finally:
+        os.close(lock)  # the lock goes with it
 
 
 @contextmanager
@@ -115,9 +172,9 @@ def _probe_folder(folder: Path, option: str, shown: str) -> None:
     """Create ``folder`` (and its parents) if missing, then create and remove a temporary file in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = create_temporary(folder, ".gdet-probe.")
-        os.close(fd)
+        fd, probe = locked_temporary(folder, ".gdet-probe.")  # locked: a cleaner in the folder leaves it
         os.unlink(probe)
+        os.close(fd)
     except (FileExistsError, NotADirectoryError):  # mkdir found a file where a folder must be
         raise UserError(f"{option} {shown}: cannot write in '{folder}' (a file is in the way where a folder "
                         "must be); give another path") from None

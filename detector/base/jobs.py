@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from detector.base.errors import UserError
-from detector.base.files import create_temporary
+from detector.base.files import locked_temporary
 from detector.base.pool import (
     POOLS,
     PROCESSES,
@@ -158,8 +158,10 @@ def _differences(held, wanted, prefix: str = "") -> list[str]:
 def _create_once(path: Path, text: str) -> None:
     """Write ``path`` complete and only if it does not exist: a temporary file, fsynced, then hard-linked
     to its name (which fails if another run's is there); where the file system has no hard links, an
-    exclusive create."""
-    fd, tmp = create_temporary(path.parent, f".{path.name}.", ".tmp")
+    exclusive create. The temporary file stays locked until it is linked (see
+    :func:`detector.base.files.clean_temporary`)."""
+    fd, tmp = locked_temporary(path.parent, f".{path.name}.", ".tmp")
+    lock = os.dup(fd)  # the lock lasts while either is open: until the link is made
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -181,6 +183,7 @@ def _create_once(path: Path, text: str) -> None:
             os.fsync(f.fileno())
     finally:
         os.unlink(tmp)
+        os.close(lock)
 
 
 def claim_manifest(path: str | os.PathLike, settings: Mapping, kind: str, what: str = "results") -> str:

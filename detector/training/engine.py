@@ -20,10 +20,14 @@ It writes into ``out_dir`` (rank 0 only):
   (:mod:`detector.training.state`). A state whose weights have become non-finite is never saved (the
   last good one is kept);
 - ``metrics.jsonl``: one JSON object per logged iteration or evaluation, appended; a resume drops a
-  torn last line (a kill while appending) with a warning. ``curves.png``: the loss and the evaluation
+  torn last line (a kill while appending) with a warning (on stderr). ``curves.png``: the loss and the evaluation
   metric against the iteration (both :mod:`detector.training.state`).
 
-Every file is written to a temporary name and moved into place, so a crash never leaves half a file.
+Every file is written to a temporary name and moved into place, so a crash never leaves half a file;
+the temporary files a killed run left are removed when a run starts or resumes in the folder.
+
+A loss or weights that are no longer finite end the run in one line (:class:`UserError`): the iteration,
+the last good checkpoint (kept), what to do.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ from detector.training.state import (
     MetricsLog,
     capture_rng_state,
     check_same_settings,
+    clean_run_folder,
     load_train_state,
     non_finite,
     plot_curves,
     restore_rng_state,
     save_train_state,
     seed_everything,
+    warn_on_stderr,
 )
 
 
@@ -180,13 +186,18 @@ class _Run:
     the optimizer and gradient scaler, the best metric so far, the metrics log and the speed window."""
 
     def __init__(self, model: nn.Module, loss_fn, config: EngineConfig, ctx: DistContext, model_config: dict,
-                 resume_key: dict, evaluate, items_per_batch: int | None, report: Callable[[str], None]):
+                 resume_key: dict, evaluate, items_per_batch: int | None, report: Callable[[str], None],
+                 warn: Callable[[str], None]):
         self.model, self.loss_fn, self.config, self.ctx = model, loss_fn, config, ctx
         self.model_config, self.resume_key, self.evaluator = model_config, resume_key, evaluate
-        self.items_per_batch, self.report = items_per_batch, report
+        self.items_per_batch, self.report, self.warn = items_per_batch, report, warn
         self.out_dir, self.total = Path(config.out_dir), config.schedule.iterations
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            removed = clean_run_folder(self.out_dir)  # a kill while last.state.pt was written: as large as it
+            if removed:
+                warn(f"warning: removed {len(removed)} temporary files a killed run left in '{self.out_dir}' "
+                     f"({', '.join(p.name for p in removed[:2])}{', ...' if len(removed) > 2 else ''})")
         barrier(ctx)
         seed_everything(config.seed)
         model.to(ctx.device)
@@ -202,8 +213,8 @@ class _Run:
 
     def restore(self, resume: str | Path) -> int:
         """Continue from a saved state (its settings must be this run's); returns its iteration."""
-        state = load_train_state(resume, report=self.report)
-        check_same_settings(state.get("resume_key", {}), self.resume_key, resume, self.report)
+        state = load_train_state(resume, report=self.warn)
+        check_same_settings(state.get("resume_key", {}), self.resume_key, resume, self.warn)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -224,7 +235,7 @@ class _Run:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if self.ctx.is_main:
-            self.log = MetricsLog(self.out_dir / "metrics.jsonl", start if resumed else None, report=self.report)
+            self.log = MetricsLog(self.out_dir / "metrics.jsonl", start if resumed else None, report=self.warn)
         self.t0 = self.window_t = time.perf_counter()
         self.model.train()
 
@@ -346,7 +357,7 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
           config: EngineConfig, ctx: DistContext = DistContext(), *, model_config: dict | None = None,
           resume_key: dict | None = None, evaluate: Callable[[nn.Module], dict] | None = None,
           resume: str | Path | None = None, items_per_batch: int | None = None,
-          report: Callable[[str], None] = print) -> TrainResult:
+          report: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``model`` for ``config.schedule.iterations`` iterations; see the module docstring.
 
     model_config: the JSON config saved beside the weights (what rebuilds the model).
@@ -355,10 +366,15 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     evaluate: ``evaluate(model) -> dict of floats`` on held-out data, run on rank 0 in eval mode.
     resume: a run directory or a ``last.state.pt`` to continue from.
     items_per_batch: items (regions, images) per batch and process, for the speed shown.
+    report: where progress lines go (the tools: stdout on rank 0).
+    warn: where warnings go (a torn metrics line, an older state, leftovers removed); default: stderr on
+        rank 0, so that a log sent to a file still shows them.
     """
+    if warn is None:
+        warn = warn_on_stderr if ctx.is_main else (lambda line: None)
     run = _Run(model, loss_fn, config, ctx, dict(model_config or {}),
                json.loads(json.dumps(resume_key or {})),  # normalized as stored: tuples -> lists
-               evaluate, items_per_batch, report)
+               evaluate, items_per_batch, report, warn)
     start = run.restore(resume) if resume is not None else 0
     total = run.total
     run.begin(start, resumed=resume is not None)

@@ -10,6 +10,11 @@
 - ``metrics.jsonl`` (:class:`MetricsLog`): one JSON object per logged iteration or evaluation,
   appended; a resume drops a torn last line (a kill while appending) with a warning. ``curves.png``
   (:func:`plot_curves`): the loss and the evaluation metric against the iteration.
+- What a killed writer left (``.last.state.pt.*.tmp.pt``, as large as the model and its optimizer state)
+  is removed when a run starts or resumes in the folder (:func:`clean_run_folder`, the rule every writer
+  follows: :func:`detector.base.files.clean_temporary`).
+
+Warnings (a torn line, an older state) go to stderr unless a ``warn`` callable is given.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,13 +31,19 @@ import numpy as np
 import torch
 
 from detector.base.errors import UserError
-from detector.base.files import atomic_path, atomic_write
+from detector.base.files import atomic_path, atomic_write, clean_temporary
 from detector.base.plots import pyplot, save_figure
 
 STATE_FORMAT = "googlenet-detection/train-state"
 STATE_VERSION = 2  # 2: with "sha256", the digest of the rest (1: none, still read)
 STATE_FILE = "last.state.pt"  # in a run folder
 _STATE_KEYS = ("iteration", "model", "optimizer", "rng")
+RESTORE = "restore the file, or start a new run from the run's last.safetensors (--init-checkpoint)"
+
+
+def warn_on_stderr(line: str) -> None:
+    """The default for warnings: a line on stderr (a log sent to a file still shows them)."""
+    print(line, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,27 +138,37 @@ def save_train_state(path: str | Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def clean_run_folder(folder: str | Path) -> list[Path]:
+    """Remove what killed writers left in a run folder (a ``.last.state.pt.*.tmp.pt`` of a kill while the
+    state was written); files a live writer holds are kept. Returns the files removed."""
+    return clean_temporary(folder)
+
+
 def load_train_state(path: str | Path, report: Callable[[str], None] | None = None) -> dict:
     """Read a ``*.state.pt`` resume file (or the ``last.state.pt`` of a run directory) without unpickling
     code, and check it before anything uses it: its sha256 (a damaged file is refused, never trained
     on), the entries a resume needs, and finite weights and optimizer state. A state of the first
-    version (no digest) is read with a note to ``report`` (default: a warning)."""
+    version (no digest) is read with a note to ``report`` (default: a warning on stderr).
+
+    An unreadable file is one line saying what the README promises (restore it, or start a new run
+    from ``last.safetensors``); torch's own advice (load with ``weights_only=False``, i.e. run the
+    file's code) is never quoted: it is unsafe, and wrong for a file this project wrote."""
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
     if not path.is_file():
         raise UserError(f"cannot resume: '{path}' does not exist; pass a run directory or its {STATE_FILE}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a strange file's pickle protocol: the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to replace
-        raise UserError(f"cannot resume from '{path}': not a readable training state ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); pass a {STATE_FILE} written by "
-                        "this tool") from None
+        raise UserError(f"cannot resume from '{path}': not a readable training state ({_load_error(err)}); "
+                        f"nothing was written: {RESTORE}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"cannot resume from '{path}': not a training state of this project; pass a "
-                        f"{STATE_FILE} written by tools/train_*.py")
-    damaged = (f"cannot resume from '{path}': the training state is damaged ({{}}); nothing was written: restore "
-               "the file, or start a new run from the run's last.safetensors")
+        raise UserError(f"cannot resume from '{path}': not a training state of this project; nothing was "
+                        f"written: {RESTORE}")
+    damaged = f"cannot resume from '{path}': the training state is damaged ({{}}); nothing was written: {RESTORE}"
     if "sha256" in state:
         saved = state.pop("sha256")
         if saved != state_digest(state):
@@ -154,10 +176,7 @@ def load_train_state(path: str | Path, report: Callable[[str], None] | None = No
     else:
         note = (f"'{path}' has no checksum (written by an older version): it is checked for finite weights "
                 "only")
-        if report is not None:
-            report(f"warning: {note}")
-        else:
-            warnings.warn(note, stacklevel=2)
+        (report or warn_on_stderr)(f"warning: {note}")
     missing = [k for k in _STATE_KEYS if k not in state]
     if missing:
         raise UserError(damaged.format(f"no {', '.join(missing)}"))
@@ -165,6 +184,19 @@ def load_train_state(path: str | Path, report: Callable[[str], None] | None = No
     if bad:
         raise UserError(damaged.format(f"{len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}"))
     return state
+
+
+def _load_error(err: Exception) -> str:
+    """What ``torch.load`` found wrong, in a few words, without its advice to rerun with
+    ``weights_only=False`` (unsafe: that runs the file's code; and no state of this project needs it)."""
+    text = str(err)
+    if "weights_only" in text or "Weights only load failed" in text:
+        at = text.find("WeightsUnpickler error:")  # the reason, after the advice
+        rest = [line.strip() for line in text[at:].split(":", 1)[-1].splitlines() if line.strip()] if at >= 0 else []
+        reason = rest[0].split(" was not an allowed global")[0].split(". Please")[0] if rest else "unknown content"
+        return f"{reason[:160]}; not a file this project writes"
+    first = text.splitlines()[0].strip().split(". ")[0] if text.strip() else ""  # its first sentence
+    return f"{type(err).__name__}: {first[:160]}" if first else type(err).__name__
 
 
 def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -210,7 +242,7 @@ class MetricsLog:
     :class:`UserError` naming it.
     """
 
-    def __init__(self, path: Path, resume_from: int | None, report: Callable[[str], None] = print):
+    def __init__(self, path: Path, resume_from: int | None, report: Callable[[str], None] = warn_on_stderr):
         self.path = path
         if resume_from is not None and path.exists():
             # drop what the interrupted run logged after the checkpoint it resumes from
