@@ -146,8 +146,10 @@ def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, 
                         sort_keys=True).encode("utf-8")
     prefix = MAGIC + struct.pack("<Q", len(header)) + _digest16(header)
     start = -(-(len(prefix) + len(header)) // _ALIGN) * _ALIGN
-    shown = Path(target("<digest>"))
+    shown = Path(target("0"))
     folder = shown.parent
+    if shown != Path(target("1")):  # named by its digest, not known yet: the file being written is the real one
+        shown = None
     digest = hashlib.blake2b(digest_size=8)
     tmp = None
     try:
@@ -183,7 +185,8 @@ def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, 
             os.unlink(tmp)
         reason = err.strerror or str(err)
         hint = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
-        raise UserError(f"{shown}: cannot write this proposal store part ({reason}); {hint} and rerun "
+        where = shown or (Path(tmp) if tmp is not None else folder)
+        raise UserError(f"{where}: cannot write this proposal store part ({reason}); {hint} and rerun "
                         "(finished parts are kept)") from None
     except BaseException:
         if tmp is not None and os.path.exists(tmp):

@@ -462,3 +462,28 @@ def test_disk_full_while_writing_is_one_line_and_a_rerun_works(tmp_path, capsys,
     assert not out.exists() and leftovers(tmp_path) == []
     assert run_tool(make_priors.main, argv) == 0  # space again: the same command works
     assert json.loads(out.read_text())["k"] == 3
+
+
+def test_disk_full_while_a_store_is_merged_names_the_real_file(tmp_path, monkeypatch):
+    # issue 18: a merge's (or compaction's) part is named by its digest, known only once written; a full
+    # disk named 'part-<digest>.pstore' literally. The message names the file that was being written.
+    from proposals.part import ImageProposals, encode_boxes, write_part
+    from proposals.store import merge
+
+    meta = {"method": "ss-fast", "options": {}}
+    for k in range(2):
+        write_part(tmp_path / "s" / f"{k}.pstore",
+                   [ImageProposals(f"img{k}.jpg", (40, 50), encode_boxes(np.array([[1.0, 2, 30, 20]]), (40, 50)))],
+                   meta)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("proposals.part.os.fsync", no_space)
+        with pytest.raises(UserError) as err:
+            merge([tmp_path / "s"], tmp_path / "out")
+    message = str(err.value)
+    assert "<digest>" not in message and "No space left on device" in message and "free some space" in message
+    assert message.startswith(f"{tmp_path / 'out'}/.part."), message  # the temporary part it was writing
+    assert leftovers(tmp_path) == []
