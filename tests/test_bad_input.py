@@ -487,3 +487,64 @@ def test_disk_full_while_a_store_is_merged_names_the_real_file(tmp_path, monkeyp
     assert "<digest>" not in message and "No space left on device" in message and "free some space" in message
     assert message.startswith(f"{tmp_path / 'out'}/.part."), message  # the temporary part it was writing
     assert leftovers(tmp_path) == []
+
+
+# -- options stored in a checkpoint's JSON: the command line's rules -----------------------------------------
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("proposals", "max_proposals", -5, "proposals.max_proposals: expected a whole number >= 1, got -5"),
+    ("proposals", "max_proposals", 2.5, "proposals.max_proposals: expected a whole number >= 1, got 2.5"),
+    ("postprocess", "nms_iou", 7, "postprocess.nms_iou: expected a finite number in (0, 1], got 7"),
+    ("postprocess", "nms_iou", "0.3", "postprocess.nms_iou: expected a number in (0, 1], got \"0.3\""),
+    ("postprocess", "score_threshold", float("nan"), "postprocess.score_threshold: expected a finite number"),
+    ("postprocess", "max_detections", True, "postprocess.max_detections: expected a whole number >= 1, got true"),
+    ("proposals", "method", "ss-fastest", "proposals.method: unknown method 'ss-fastest'"),
+])
+def test_hand_edited_checkpoint_options_are_one_line_naming_the_file_and_key(tmp_path, capsys, section, key,
+                                                                              value, message):
+    # issue 18: a hand-edited checkpoint JSON is checked with the same rules as the command line
+    import torch
+
+    from detector.base.checkpoint import make_checkpoint_config, save_checkpoint
+    from detector.base.vocab import Vocabulary
+    from detector.classifier import ClassifierConfig, RegionClassifier
+
+    torch.manual_seed(0)
+    config = ClassifierConfig(num_classes=1, input_size=64)
+    meta = make_checkpoint_config(config, Vocabulary(ids=(1,), names=("thing",)))
+    meta[section][key] = value
+    save_checkpoint(tmp_path / "model", RegionClassifier(config).state_dict(), meta)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    assert run_tool(detect.main, [str(image), "--model", str(tmp_path / "model"), "--device", "cpu"]) == 2
+    line = one_line(capsys, f"checkpoint config '{tmp_path / 'model.json'}': {message}", "restore the original")
+    assert "\n" not in line
+
+
+def test_hand_edited_multibox_options_are_one_line(tmp_path):
+    from detector.base.checkpoint import load_checkpoint_config
+
+    source = ROOT / "proposals" / "resources" / "default_multibox.json"
+    doc = json.loads(source.read_text())
+    doc["nms_iou"] = 7
+    (tmp_path / "mb.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"mb.json': nms_iou: expected a finite number in \(0, 1\], got 7 \(the "
+                                        r"rule of --nms-iou\)"):
+        load_checkpoint_config(tmp_path / "mb")
+    doc["nms_iou"], doc["top_k"] = 0.7, 0
+    (tmp_path / "mb.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="top_k: expected a whole number >= 1, got 0"):
+        load_checkpoint_config(tmp_path / "mb")
+    # the shipped checkpoints pass
+    load_checkpoint_config(source)
+    load_checkpoint_config(ROOT / "detector" / "resources" / "default_detector.json")
+
+
+def test_json_values_are_checked_by_the_command_line_types():
+    assert options.check_json_value(options.iou, 0.3) == 0.3
+    assert options.check_json_value(options.positive_int, 2000) == 2000
+    assert options.check_json_value(options.proposal_method_backend, "ss-fast:opencv") == "ss-fast:opencv"
+    for parse, value in ((options.iou, 0), (options.positive_int, 0), (options.positive_int, "5"),
+                         (options.probability, None), (options.proposal_method_backend, 3)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            options.check_json_value(parse, value)

@@ -20,10 +20,16 @@ The config (see :func:`make_checkpoint_config`) is a JSON object::
 
 Either file's path (or ``NAME`` alone) names the checkpoint. :func:`model_info` reads what a checkpoint
 detects (its name and classes) from the JSON alone, for tools' headers and ``--help``.
+
+The options a config holds (:data:`CONFIG_OPTIONS`: the proposal count and method, the post-processing
+thresholds, a MultiBox model's NMS and counts) are checked when it is read, by the rules of the command
+line's options (:mod:`detector.base.options`): a hand-edited ``"nms_iou": 7`` is one line naming the file
+and the key, as ``--nms-iou 7`` is one line naming the option.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +39,15 @@ from typing import TYPE_CHECKING
 from detector.base.defaults import BOX_CODER_WEIGHTS, default_postprocess, default_proposals
 from detector.base.errors import UserError
 from detector.base.files import atomic_path, atomic_write
+from detector.base.options import (
+    check_json_value,
+    iou,
+    non_negative_number,
+    positive_int,
+    probability,
+    proposal_method_backend,
+    unit_fraction,
+)
 from detector.base.vocab import Vocabulary
 
 if TYPE_CHECKING:
@@ -46,6 +61,45 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "resources" / "default_det
 NO_DEFAULT_MODEL = ("no model is installed: the default model (detector/resources/default_detector"
                     ".safetensors + .json) has not been trained yet; train one with tools/train_detector.py "
                     "and pass it with --model PATH")
+
+
+# The options a checkpoint's JSON holds, by key (``section.key``; a MultiBox model's at the top level),
+# each with the rule of the command-line option that sets it (its name shown in the message).
+CONFIG_OPTIONS = {
+    "proposals.method": (proposal_method_backend, "--proposals"),
+    "proposals.max_proposals": (positive_int, "--max-proposals"),
+    "postprocess.score_threshold": (probability, "--threshold"),
+    "postprocess.nms_iou": (iou, "--nms-iou"),
+    "postprocess.max_detections": (positive_int, "--max-detections"),
+}
+MULTIBOX_OPTIONS = {  # a MultiBox checkpoint (kind "multibox"): train_multibox.py's options
+    "nms_iou": (iou, "--nms-iou"),
+    "top_k": (positive_int, "--top-k"),
+    "num_priors": (positive_int, "--num-priors"),
+    "input_size": (positive_int, "--input-size"),
+    "head_channels": (positive_int, "--head-channels"),
+    "head_grid": (positive_int, "--head-grid"),
+    "head_hidden": (positive_int, "--head-hidden"),
+    "dropout": (unit_fraction, "--dropout"),
+    "alpha": (non_negative_number, "--alpha"),
+}
+
+
+def check_config_options(config: dict, where: str | os.PathLike) -> None:
+    """Check the options of a checkpoint config (:data:`CONFIG_OPTIONS`, or :data:`MULTIBOX_OPTIONS` for
+    a MultiBox model) by the command line's rules; a key that is absent keeps its default. A bad value
+    is a one-line :class:`UserError` naming ``where`` (the JSON file) and the key."""
+    rules = MULTIBOX_OPTIONS if config.get("kind") == "multibox" else CONFIG_OPTIONS
+    for key, (parse, option) in rules.items():
+        section, _, name = key.rpartition(".")
+        holder = config.get(section) if section else config
+        if not isinstance(holder, dict) or name not in holder:
+            continue
+        try:
+            check_json_value(parse, holder[name])
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"checkpoint config '{where}': {key}: {err} (the rule of {option}); restore the "
+                            "original .json, or fix the value") from None
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -94,7 +148,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 def load_checkpoint_config(path: str | os.PathLike) -> dict:
     """The JSON config of a checkpoint, without its weights (no torch); :class:`UserError` if the file is
-    missing, not JSON or not a JSON object."""
+    missing, not JSON, not a JSON object, or holds an option the command line would refuse
+    (:func:`check_config_options`)."""
     _, config_path = checkpoint_paths(path)
     if not config_path.is_file():
         raise UserError(f"checkpoint '{path}': missing {config_path}; a checkpoint is NAME.safetensors + "
@@ -106,6 +161,7 @@ def load_checkpoint_config(path: str | os.PathLike) -> dict:
                         "from the original checkpoint") from None
     if not isinstance(config, dict):
         raise UserError(f"checkpoint config '{config_path}' is not a JSON object; restore it")
+    check_config_options(config, config_path)
     return config
 
 

@@ -9,6 +9,10 @@ meaning for 0, such as ``--workers 0`` "in the calling thread", says so and uses
 Numbers are finite (``nan`` and ``inf`` are refused) and inside a stated interval, written as in the
 docstrings: ``[0, 1]`` closed, ``(0, 1]`` open at 0.
 
+Values read back from a file a tool wrote (a checkpoint's JSON) are checked by the same rules:
+:func:`check_json_value` applies one of these types to a JSON value, so a hand-edited ``"nms_iou": 7`` is
+refused like ``--nms-iou 7``.
+
 No project imports but :mod:`.defaults`: every tool's parser uses these before anything heavy is loaded.
 """
 
@@ -22,7 +26,7 @@ from collections.abc import Callable
 
 from detector.base.defaults import PROPOSAL_METHODS, SS_BACKENDS
 
-__all__ = ["comma_ints", "diagnose_top", "int_in", "iou", "json_object", "json_value", "key_value", "learning_rate",
+__all__ = ["check_json_value", "comma_ints", "diagnose_top", "int_in", "iou", "json_object", "json_value", "key_value", "learning_rate",
            "method_or_store", "non_negative_int", "non_negative_number", "number_in", "positive_int",
            "positive_number", "probability", "proposal_method", "proposal_method_backend", "seed", "shard",
            "unit_fraction"]
@@ -50,6 +54,7 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"whole number {want}"
+    parse.json_types = (int,)  # what check_json_value accepts from a JSON file
     return parse
 
 
@@ -87,6 +92,7 @@ def number_in(low: float | None = None, high: float | None = None, *, low_open: 
         return value
 
     parse.__name__ = f"number {want}"
+    parse.json_types = (int, float)
     return parse
 
 
@@ -181,3 +187,17 @@ def method_or_store(text: str) -> str:
         return text
     _fail(f"'{text}': no proposal store here, and not a proposal method ({', '.join(PROPOSAL_METHODS)}); give "
           "one or the other")
+
+
+def check_json_value(parse: Callable[[str], object], value: object):
+    """``value``, read from a JSON file, checked by the command-line type ``parse`` (one of this module's):
+    the same interval and the same message (``ArgumentTypeError``). A number type takes a JSON number
+    (never ``true`` or ``"0.5"``), any other type a string. Returns the parsed value."""
+    want = getattr(parse, "json_types", (str,))
+    if isinstance(value, bool) or not isinstance(value, want):
+        shown = json.dumps(value, allow_nan=True)
+        _fail(f"expected a {getattr(parse, '__name__', 'value')}, got {shown}" if want != (str,)
+              else f"expected a string, got {shown}")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(f"expected a finite {getattr(parse, '__name__', 'number')}, got {value}")
+    return parse(value if isinstance(value, str) else repr(value))
