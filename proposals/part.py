@@ -5,7 +5,8 @@ A part file holds, for a set of images, every array in one file:
 - ``PSTORE02`` (8 bytes), the header length (uint64 little-endian), the header's blake2b-128 digest
   (16 bytes), a JSON header (``meta``: the method and options; ``arrays``: dtype, shape and byte
   offset of each array; ``failures``: image name -> reason; ``index``: blake2b-128 of the names,
-  sizes and offsets arrays), then the arrays, each 64-byte aligned;
+  sizes and offsets arrays; ``content``: blake2b-128 of every byte after the header), then the
+  arrays, each 64-byte aligned;
 - ``names``: the image names, UTF-8, joined by newlines; ``sizes``: int32 ``(I, 2)`` image
   ``(h, w)``; ``offsets``: int64 ``(I + 1,)`` where image ``i``'s boxes are rows
   ``offsets[i]:offsets[i+1]``; ``boxes``: uint16 ``(M, 4)``; optionally ``scores``: float16 ``(M,)``;
@@ -13,15 +14,21 @@ A part file holds, for a set of images, every array in one file:
 
 Boxes are stored as fractions of the image size in steps of 1/65535 (``x1 = q * w / 65535``): 8
 bytes per box (10 with scores), at most ``w / 131070`` pixels off (0.004 px on a 500-pixel side).
-Reading maps the file (``numpy.memmap``), so opening costs only the names index and a lookup
-touches only that image's rows.
+Reading maps the file (one ``mmap``, so one open file descriptor per open part), so opening costs
+only the names index and a lookup touches only that image's rows.
+
+A part's *digest* is the first 8 bytes (16 hex digits) of its header digest; since the header holds
+the digest of everything after it, the digest names the whole file. Writers that name a part by its
+digest (``part-<digest>.pstore``, ``chunk-<c>-<tag>-<digest>.pstore``) let every reader check, from the
+header alone, that the file is the one its name promises: a valid part of another store put in its
+place is a :class:`ForeignPart`, as is a part made with other settings than its store's ``store.json``.
 
 Nothing read is trusted: opening a part (:class:`Part`) checks the layout against the file size, the
-header digest and the index digest (cheap: a few bytes per image), and every lookup checks that
-image's CRC, so a damaged part is a :class:`DamagedPart` (a ``UserError``) naming the file, never
-changed boxes or another image's boxes. :meth:`Part.verify` checks every image (and a
-``part-<digest>`` name against the file's digest). Parts of the first format (``PSTORE01``, no
-checksums) are still read, with the layout checks only.
+header digest, the index digest (cheap: a few bytes per image) and a digest in the file name, and
+every lookup checks that image's CRC, so a damaged part is a :class:`DamagedPart` (a ``UserError``)
+naming the file, never changed boxes or another image's boxes. :meth:`Part.verify` checks every image
+and the content digest (for a ``part-<digest>`` of the first layout, the digest of the whole file).
+Parts of the first format (``PSTORE01``, no checksums) are still read, with the layout checks only.
 
 Writes are atomic: a part is written to a temporary file in the same folder (``.part.*.tmp``, locked
 while it is written), flushed, fsynced, then renamed to its final name; readers never see a partial
@@ -34,10 +41,12 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
+import re
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +63,8 @@ _ALIGN = 64
 _TMP_PREFIX = ".part."
 _DTYPES = {"names": "|u1", "sizes": "<i4", "offsets": "<i8", "boxes": "<u2", "scores": "<f2", "crcs": "<u4"}
 _NDIM = {"names": 1, "sizes": 2, "offsets": 1, "boxes": 2, "scores": 1, "crcs": 1}
+_DIGEST_IN_NAME = re.compile(r"-([0-9a-f]{16})" + re.escape(SUFFIX) + "$")  # part-<digest>, chunk-...-<digest>
+_NO_CONTENT = "0" * 32  # the content digest's place while the content is written (same length)
 REPAIR = ("rerun tools/precompute_proposals.py with the same --out (it sets damaged parts aside and redoes "
           "their images), or delete the file and recompute")
 
@@ -91,10 +102,13 @@ def _check_name(name: str) -> str:
     return name
 
 
-def write_part(path: str | os.PathLike, entries: Iterable[ImageProposals], meta: dict) -> Path:
+def write_part(path: str | os.PathLike | Callable[[str], str | os.PathLike], entries: Iterable[ImageProposals],
+               meta: dict) -> Path:
     """Write one part file atomically. Entries keep their order; a name may appear only once.
 
-    Returns the path written. ``meta`` (JSON-serializable) records how the proposals were made.
+    path: the file, or a function of the part's digest (16 hex digits) that names it (a name ending in
+    ``-<digest>.pstore`` is checked against the file by every reader). Returns the path written.
+    ``meta`` (JSON-serializable) records how the proposals were made.
     """
     entries = list(entries)
     ok = [e for e in entries if e.error is None]
@@ -109,7 +123,8 @@ def write_part(path: str | os.PathLike, entries: Iterable[ImageProposals], meta:
                   for e, b in zip(ok, boxes)]
     sizes = np.array([e.image_size for e in ok], np.int32).reshape(-1, 2)
     counts = [len(b) for b in boxes]
-    return write_part_file(lambda digest: Path(path), names, sizes, counts, boxes, scores, meta, failures)
+    target = path if callable(path) else (lambda digest: Path(path))
+    return write_part_file(target, names, sizes, counts, boxes, scores, meta, failures)
 
 
 def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, scores, meta: dict,
@@ -142,15 +157,16 @@ def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, 
         layout[key] = {"dtype": dtype.str, "shape": list(shapes[key]), "offset": offset}
         offset += int(np.prod(shapes[key])) * dtype.itemsize
     index = _digest16(names_blob, sizes.tobytes(), offsets.tobytes()).hex()
-    header = json.dumps({"version": 2, "arrays": layout, "meta": meta, "failures": failures, "index": index},
-                        sort_keys=True).encode("utf-8")
-    prefix = MAGIC + struct.pack("<Q", len(header)) + _digest16(header)
-    start = -(-(len(prefix) + len(header)) // _ALIGN) * _ALIGN
-    shown = Path(target("0"))
-    folder = shown.parent
-    if shown != Path(target("1")):  # named by its digest, not known yet: the file being written is the real one
-        shown = None
-    digest = hashlib.blake2b(digest_size=8)
+
+    def header_bytes(content: str) -> bytes:
+        header = json.dumps({"version": 2, "arrays": layout, "meta": meta, "failures": failures, "index": index,
+                             "content": content}, sort_keys=True).encode("utf-8")
+        return MAGIC + struct.pack("<Q", len(header)) + _digest16(header) + header
+
+    head = header_bytes(_NO_CONTENT)  # rewritten once the content is known: the same length
+    start = -(-len(head) // _ALIGN) * _ALIGN
+    folder = Path(target("<digest>")).parent
+    content = hashlib.blake2b(digest_size=16)
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -158,9 +174,9 @@ def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, 
         with os.fdopen(fd, "wb") as f:
             def put(data: bytes) -> None:
                 f.write(data)
-                digest.update(data)
+                content.update(data)
 
-            put(prefix + header)
+            f.write(head)
             for key, (dtype, data) in arrays.items():
                 put(b"\0" * (start + layout[key]["offset"] - f.tell()))
                 if isinstance(data, (bytes, np.ndarray)):
@@ -176,23 +192,41 @@ def write_part_file(target, names: list[str], sizes: np.ndarray, counts, boxes, 
                             batch, held = [], 0
                     if batch:
                         put(np.concatenate(batch).tobytes())
+            head = header_bytes(content.hexdigest())
+            f.seek(0)
+            f.write(head)
             f.flush()
             os.fsync(f.fileno())
-        final = Path(target(digest.hexdigest()))
+        final = Path(target(part_digest(head)))
         os.replace(tmp, final)
     except OSError as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         reason = err.strerror or str(err)
         hint = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
-        where = shown or (Path(tmp) if tmp is not None else folder)
-        raise UserError(f"{where}: cannot write this proposal store part ({reason}); {hint} and rerun "
-                        "(finished parts are kept)") from None
+        raise UserError(f"{_shown(target, tmp, folder)} ({reason}); {hint} and rerun (finished parts are kept)") from None
     except BaseException:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return final
+
+
+def part_digest(head: bytes) -> str:
+    """A part's digest (16 hex digits) from its first bytes: the start of its header digest."""
+    return head[len(MAGIC) + 8:len(MAGIC) + 16].hex()
+
+
+def _shown(target, tmp: str | None, folder: Path) -> str:
+    """What a writer could not write, for its error message. A part named by its digest (unknown until it is
+    written) is named by the file being written, then by its name without the digest."""
+    path = Path(target("<digest>"))
+    if "<digest>" not in path.name:
+        return f"{path}: cannot write this proposal store part"
+    where = Path(tmp) if tmp is not None else folder
+    if path.name == f"part-<digest>{SUFFIX}":
+        return f"{where}: cannot write the compacted proposal store part"
+    return f"{where}: cannot write proposal store part {path.name.replace('-<digest>', '')}"
 
 
 def _digest16(*chunks: bytes) -> bytes:
@@ -223,14 +257,33 @@ class DamagedPart(UserError):
         self.path, self.reason = path, reason
 
 
-class Part:
-    """One part file, memory-mapped and checked before use (see the module docstring). ``names``
-    (list), ``sizes``, ``offsets``, ``boxes``, ``scores`` (or None), ``crcs`` (or None for the first
-    format), ``failures`` (dict name -> reason), ``meta``. A damaged file is a :class:`UserError`."""
+class ForeignPart(DamagedPart):
+    """A valid part that is not this store's: its digest differs from the one its name promises, or it was
+    made with other settings than the store's ``store.json`` (a part of another store put in its place)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: Path, reason: str):
+        UserError.__init__(self, f"{path}: not a part of this proposal store ({reason}); delete it, or rerun "
+                                 "tools/precompute_proposals.py with the same --out (it sets the part aside and "
+                                 "redoes its images)")
+        self.path, self.reason = path, reason
+
+
+class Part:
+    """One part file, checked before use (see the module docstring): ``sizes``, ``offsets``, ``crcs`` (or
+    None for the first format), ``failures`` (dict name -> reason), ``meta``, ``names`` (a list, decoded
+    on use; :meth:`name` for one), and, when ``mapped``, ``boxes`` and ``scores`` (or None): read-only
+    arrays over one memory map of the file (one open file descriptor until :meth:`close` or the part is
+    dropped). A damaged file is a :class:`DamagedPart`.
+
+    meta: the settings of the store the part belongs to (its ``store.json``), or None; a part made with
+    other settings, or whose digest differs from the digest in its name, is a :class:`ForeignPart`.
+    """
+
+    def __init__(self, path: str | os.PathLike, mapped: bool = True, meta: dict | None = None):
         self.path = Path(path)
-        with open(self.path, "rb") as f:  # one open file: every map is of the same file, even if renamed
+        self.boxes = self.scores = None
+        self._map = None
+        with open(self.path, "rb") as f:  # every read and the map of the same file, even if it is renamed
             size = os.fstat(f.fileno()).st_size
             head = f.read(len(MAGIC) + 8 + 16)
             if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] not in (MAGIC, MAGIC_V1):
@@ -248,35 +301,85 @@ class Part:
                 header = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise self._damaged("unreadable header") from None
+            self._content_at = prefix + length  # the content digest covers every byte from here
             start = -(-(prefix + length) // _ALIGN) * _ALIGN
             specs = self._check_layout(header, start, size)
-            arrays = {key: (np.memmap(f, dtype=dtype, mode="r", offset=start + offset, shape=shape)
-                            if int(np.prod(shape)) else np.zeros(shape, dtype))
-                      for key, (dtype, shape, offset) in specs.items()}
+            self.content = header.get("content")
+            if self.content is not None and not (isinstance(self.content, str) and len(self.content) == 32):
+                raise self._damaged("malformed content digest in the header")
+            named = _DIGEST_IN_NAME.search(self.path.name)
+            if named and self.content is not None and named.group(1) != part_digest(head):
+                raise ForeignPart(self.path, f"its digest is {part_digest(head)}, its name says {named.group(1)}")
+
+            def read(key: str) -> np.ndarray:
+                dtype, shape, offset = specs[key]
+                f.seek(start + offset)
+                data = f.read(math.prod(shape) * dtype.itemsize)
+                return np.frombuffer(data, dtype).reshape(shape)  # the layout check vouches for the length
+
+            blob = read("names").tobytes()
+            self.sizes, self.offsets = read("sizes"), read("offsets")
+            self.crcs = read("crcs") if "crcs" in specs else None
+            self.has_scores = "scores" in specs
+            if mapped:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                for key in ("boxes", "scores"):
+                    if key in specs:
+                        dtype, shape, offset = specs[key]
+                        setattr(self, key, np.frombuffer(self._map, dtype, math.prod(shape), start + offset)
+                                .reshape(shape) if math.prod(shape) else np.zeros(shape, dtype))
         self.meta, self.failures = header.get("meta", {}), header.get("failures", {})
         if not (isinstance(self.meta, dict) and isinstance(self.failures, dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in self.failures.items())):
             raise self._damaged("malformed meta or failures in the header")
-        blob = bytes(arrays["names"])
-        self.sizes = np.array(arrays["sizes"])  # small, and copied: checked once, then immutable
-        self.offsets = np.array(arrays["offsets"])
         if self.version == 2 and _digest16(blob, self.sizes.tobytes(), self.offsets.tobytes()).hex() != \
                 header.get("index"):
             raise self._damaged("index checksum mismatch (names, sizes or offsets)")
         # names as written: UTF-8, and file names of other bytes as os.fsdecode gives them (the index checksum
         # above vouches for the bytes)
-        self.names = blob.decode("utf-8", "surrogateescape").split("\n") if blob else []
-        num_images, num_boxes = len(self.sizes), len(arrays["boxes"])
-        if (len(self.names) != num_images or len(set(self.names)) != num_images or "" in self.names
-                or set(self.names) & set(self.failures)):
-            raise self._damaged(f"{len(self.names)} names (some empty, repeated or failed) for {num_images} images")
+        names = blob.decode("utf-8", "surrogateescape").split("\n") if blob else []
+        self.num_images, num_boxes = len(self.sizes), specs["boxes"][1][0]
+        if (len(names) != self.num_images or len(set(names)) != self.num_images or "" in names
+                or not self.failures.keys().isdisjoint(names)):
+            raise self._damaged(f"{len(names)} names (some empty, repeated or failed) for {self.num_images} images")
         if self.offsets[0] != 0 or self.offsets[-1] != num_boxes or (np.diff(self.offsets) < 0).any():
             raise self._damaged("box offsets out of order or out of range")
-        if num_images and self.sizes.min() < 1:
+        if self.num_images and self.sizes.min() < 1:
             raise self._damaged("an image size is not positive")
-        self.boxes = arrays["boxes"]
-        self.scores = arrays.get("scores")
-        self.crcs = np.array(arrays["crcs"]) if "crcs" in arrays else None
+        if meta is not None and self.meta != meta:
+            raise ForeignPart(self.path, f"made with {json.dumps(self.meta, sort_keys=True)}, the store with "
+                                         f"{json.dumps(meta, sort_keys=True)}")
+        self.index_id = header.get("index") if self.version == 2 else None  # names, sizes, offsets: this part's
+        self._blob = blob
+        self._starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(blob, np.uint8) == 10) + 1, [len(blob) + 1]])
+        self._names = None if mapped else names  # kept for the one who indexes it; a mapped part decodes on use
+
+    @property
+    def names(self) -> list[str]:
+        """The image names, in row order."""
+        if self._names is not None:
+            return self._names
+        return self._blob.decode("utf-8", "surrogateescape").split("\n") if self._blob else []
+
+    def name(self, row: int) -> str:
+        """Image ``row``'s name."""
+        return self._blob[self._starts[row]:self._starts[row + 1] - 1].decode("utf-8", "surrogateescape")
+
+    def close(self) -> None:
+        """Drop the map of the file (its descriptor is closed once no array read from it is in use)."""
+        self.boxes = self.scores = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # an array over the map is still held: closed when it is dropped
+                pass
+            self._map = None
+
+    def __enter__(self) -> Part:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _damaged(self, what: str) -> DamagedPart:
         return DamagedPart(self.path, what)
@@ -314,7 +417,9 @@ class Part:
 
     def rows(self, row: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Image ``row``'s uint16 boxes ``(N, 4)`` and float16 scores ``(N,)`` (or None), in memory,
-        after checking their CRC."""
+        after checking their CRC. Needs a part opened ``mapped``."""
+        if self.boxes is None:
+            raise ValueError(f"{self.path}: opened without its arrays (mapped=False), or closed")
         lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
         boxes = np.array(self.boxes[lo:hi])
         scores = None if self.scores is None else np.array(self.scores[lo:hi])
@@ -323,26 +428,37 @@ class Part:
             if scores is not None:
                 crc = zlib.crc32(scores.tobytes(), crc)
             if crc != int(self.crcs[row]):
-                raise self._damaged(f"checksum mismatch in the proposals of {self.names[row]!r}")
+                raise self._damaged(f"checksum mismatch in the proposals of {self.name(row)!r}")
         return boxes, scores
 
     def entry(self, row: int) -> ImageProposals:
         """Row ``row`` as an :class:`ImageProposals` (uint16 boxes, in memory, checked)."""
         boxes, scores = self.rows(row)
-        return ImageProposals(self.names[row], tuple(int(v) for v in self.sizes[row]), boxes, scores)
+        return ImageProposals(self.name(row), tuple(int(v) for v in self.sizes[row]), boxes, scores)
 
     def verify(self) -> bool:
-        """Check every image's CRC, and a ``part-<digest>`` name against the digest of the whole file.
+        """Check every image's CRC and the digest of the content after the header (for a ``part-<digest>``
+        without one, the first layout of version 2: the digest of the whole file against its name).
         Returns False for a part of the first format (no checksums: only its layout was checked);
-        a damaged part raises :class:`UserError`."""
-        for row in range(len(self.names)):
+        a damaged part raises :class:`UserError`. Needs a part opened ``mapped``."""
+        for row in range(self.num_images):
             self.rows(row)
         stem = self.path.name[: -len(SUFFIX)] if self.path.name.endswith(SUFFIX) else ""
-        if self.version == 2 and stem.startswith("part-") and len(stem) == 21:
-            digest = hashlib.blake2b(digest_size=8)
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            if digest.hexdigest() != stem[5:]:
+        if self.content is not None:
+            if self._digest(self._content_at, 16) != self.content:
+                raise self._damaged("the file's content does not match the digest in its header")
+        elif self.version == 2 and stem.startswith("part-") and len(stem) == 21:
+            if self._digest(0, 8) != stem[5:]:
                 raise self._damaged("the file's digest does not match its name")
         return self.version == 2
+
+    def _digest(self, start: int, size: int) -> str:
+        """blake2b (``size`` bytes) of the mapped file from byte ``start`` to its end, as hex."""
+        digest = hashlib.blake2b(digest_size=size)
+        view = memoryview(self._map)
+        try:
+            for at in range(start, len(view), 1 << 22):
+                digest.update(view[at:at + (1 << 22)])
+        finally:
+            view.release()
+        return digest.hexdigest()

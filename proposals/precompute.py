@@ -47,6 +47,8 @@ from detector.base.jobs import (
 )
 from proposals.propose import propose
 from proposals.store import (
+    SETTINGS_FILE,
+    DamagedPart,
     ImageProposals,
     ProposalStore,
     clean_temporary,
@@ -56,7 +58,8 @@ from proposals.store import (
     write_part,
 )
 
-SETTINGS_FILE = "store.json"  # the settings of the proposals in a store folder, written once
+__all__ = ["SETTINGS_FILE", "ImageEntry", "PrecomputeConfig", "StoreSink", "list_file", "list_folder", "list_images",
+           "precompute", "propose_entry"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 LIST_EXTENSIONS = (".JPEG", ".jpg", ".jpeg", ".png", ".JPG", ".PNG")
 
@@ -154,12 +157,13 @@ def propose_entry(entry: ImageEntry, method: str, options: dict) -> ImageProposa
                           None if scores is None else np.asarray(scores, np.float16))
 
 
-def _chunk_name(chunk: int, names: Sequence[str], meta: dict) -> str:
-    """``chunk-<c>-<tag>.pstore``, the tag a digest of the settings and the names: runs with other
-    settings or another list never write the same name."""
+def _chunk_name(chunk: int, names: Sequence[str], meta: dict, digest: str | None = None) -> str:
+    """``chunk-<c>-<tag>-<digest>.pstore``, the tag a digest of the settings and the names (runs with other
+    settings or another list never write the same name), the digest the part's own (see
+    :mod:`proposals.part`: every reader checks it; without ``digest``, the name without it)."""
     text = json.dumps(meta, sort_keys=True) + "\n" + "\n".join(names)
     tag = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
-    return f"chunk-{chunk:07d}-{tag}.pstore"
+    return f"chunk-{chunk:07d}-{tag}" + (f"-{digest}" if digest else "") + ".pstore"
 
 
 class StoreSink:
@@ -183,8 +187,14 @@ class StoreSink:
 
     def write(self, chunk: int, results: list[tuple[int, Outcome]]) -> None:
         done = [o.value if o.ok else ImageProposals(self.entries[p].name, error=o.error) for p, o in results]
-        write_part(self.out / _chunk_name(chunk, [e.name for e in done], self.meta), done, self.meta)
+        names = [e.name for e in done]
+        write_part(lambda digest: self.out / _chunk_name(chunk, names, self.meta, digest), done, self.meta)
         self._held = None
+
+    def all_done(self) -> bool:
+        """Every image of the list (of every shard) is in the store, with proposals or a recorded failure."""
+        names, failures = self._store()
+        return all(e.name in names or e.name in failures for e in self.entries)
 
     def failures(self, positions: Sequence[int]) -> dict[str, str]:
         self._held = None  # other runs may have written meanwhile
@@ -198,7 +208,12 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
     """Compute proposals for this shard's images not yet in the store ``out`` (a folder); returns the
     job's report (:class:`detector.base.jobs.JobReport`).
 
-    When the shard is complete, the store's parts are compacted into one.
+    When every image of ``entries`` is in the store (this shard's and, for shards sharing the folder,
+    every other's), the store's parts are compacted into one, by one process: the last shard to finish
+    (of two finishing together, the one holding the compaction lock; :func:`proposals.store.compact`).
+    A shard in a folder of its own is left in parts, for ``--merge``. A compaction the system refuses
+    (a full disk) leaves the complete store in parts, read as it is, and is a note of the report: the work
+    is done, and a rerun compacts.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -215,16 +230,22 @@ def precompute(entries: Sequence[ImageEntry], out: str | os.PathLike, config: Pr
     for path, reason in set_aside_damaged(out).items():
         notes.append(f"set aside damaged part {path} ({reason}); its images were done again; delete it at will")
     existing = ProposalStore(out)
-    if existing.parts and existing.meta != json.loads(json.dumps(meta)):
+    if existing.num_parts and existing.meta != json.loads(json.dumps(meta)):
         raise UserError(f"{out}: holds proposals made with {existing.meta}, not {meta}; use another --out")
+    del existing
     claim_manifest(out / SETTINGS_FILE, meta, kind="proposal-store", what="proposals")
     shard = config.shard if isinstance(config.shard, Shard) else Shard(*config.shard)
     job = JobConfig(chunk_size=config.chunk_size, shard=shard, workers=config.workers if config.workers > 1 else 0,
                     pool=PROCESSES, retry_failed=config.retry_failed, progress=progress, desc="proposals")
     work = partial(propose_entry, method=config.method, options=dict(config.options))
-    report = run_job(entries, [e.name for e in entries], work, StoreSink(out, entries, meta), job,
-                     initializer=opencv_single_thread)
+    sink = StoreSink(out, entries, meta)
+    report = run_job(entries, [e.name for e in entries], work, sink, job, initializer=opencv_single_thread)
     report.notes[:0] = notes
-    if report.complete:
-        compact(out)
+    if report.complete and (shard.count == 1 or sink.all_done()):
+        try:
+            compact(out)
+        except DamagedPart:
+            raise
+        except UserError as err:  # the system refused the copy: the store is complete in parts
+            report.notes.append(f"the store is complete but was not compacted: {err}")
     return report
