@@ -287,7 +287,7 @@ def train_rows(bench: Bench, args) -> None:
         model = random_classifier(size).to(dev, memory_format=torch.channels_last)
         with tempfile.TemporaryDirectory() as tmp:
             config = EngineConfig(out_dir=tmp, schedule=ScheduleConfig(base_lr=1e-3, iterations=iterations),
-                                  checkpoint_every=0, log_every=max(1, iterations), amp="bf16",
+                                  checkpoint_every=0, log_every=max(1, iterations), precision="bf16",
                                   num_workers=args.workers, progress=False)
             return train(model, source, region_loss(LossConfig()), config, ctx, report=lambda *_: None).seconds
 

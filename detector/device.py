@@ -2,7 +2,8 @@
 
 ``device``: ``"auto"`` (CUDA if available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 ``precision``: ``"auto"`` (bf16 where the hardware has it natively: CUDA with bf16, or a CPU with
-AVX512-BF16 or AMX; fp32 elsewhere), ``"fp32"`` or ``"bf16"``. A wrong name is one :class:`UserError` line.
+AVX512-BF16 or AMX; fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (a GPU only), the words of every
+tool's ``--precision``. A wrong name, or fp16 on the CPU, is one :class:`UserError` line.
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``torch.bfloat16`` or ``torch.float32`` for ``"auto"``, ``"bf16"`` or ``"fp32"`` on ``device``."""
+    """``torch.bfloat16``, ``torch.float16`` or ``torch.float32`` for ``"auto"``, ``"bf16"``, ``"fp16"`` or
+    ``"fp32"`` on ``device``."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return torch.float32
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise UserError("precision 'fp16' needs a GPU; use --precision bf16 or fp32 on the CPU")
+        return torch.float16
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":

@@ -111,8 +111,8 @@ class Detector:
         mode, no auxiliary heads, channels-last, on ``device``, bf16 weights on CUDA when bf16).
     proposals: :class:`ProposalSettings` used when a call passes no boxes.
     postprocess_config: score threshold, NMS IoU, max detections.
-    device: where the warp and the network run; precision: ``"auto"``, ``"fp32"`` or ``"bf16"``
-        (:mod:`detector.device`).
+    device: where the warp and the network run; precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
+        (a GPU only; :mod:`detector.device`).
     batch_size: crops per forward pass, filled across images (default 64 on the CPU, 1024 on CUDA).
     workers: processes computing proposals ahead of the network when many images need them (``None``: the
         usable cores but one; 0: in this process). They are spawned, and re-import the main script: a
@@ -359,8 +359,8 @@ class Detector:
         if self.compiled and count < self.batch_size:  # one batch shape: each new shape compiles again
             crops = torch.cat([crops, crops.new_zeros((self.batch_size - count, *crops.shape[1:]))])
         probs = deltas = None
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.dtype == torch.bfloat16):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
+                                                    enabled=self.dtype != torch.float32):
             for index in indices:
                 out = self.models[index](crops)
                 p = out.class_logits[:count].float().softmax(dim=1)

@@ -76,6 +76,9 @@ REFUSED = [
     (train_detector, ["--proposal-options", "[500]"], "--proposal-options"),
     (train_detector, ["--proposal-options", '{"max_side": 0}'], "max_side"),
     (train_detector, ["--proposal-options", '{"sede": 3}'], "sede"),
+    (train_detector, ["--precision", "half"], "--precision"),
+    (train_detector, ["--amp", "half"], "--amp"),
+    (detect, ["a.jpg", "--precision", "none"], "--precision"),
     (train_multibox, ["--lr", "-0.01"], "--lr"),
     (train_multibox, ["--batch-size", "0"], "--batch-size"),
     (train_multibox, ["--top-k", "0"], "--top-k"),
@@ -548,3 +551,55 @@ def test_json_values_are_checked_by_the_command_line_types():
                          (options.probability, None), (options.proposal_method_backend, 3)):
         with pytest.raises(argparse.ArgumentTypeError):
             options.check_json_value(parse, value)
+
+
+# -- one name for precision -----------------------------------------------------------------------------------
+
+def test_one_precision_option_and_the_old_amp_spelling_warns_once(monkeypatch, capsys):
+    # issue 18: training's --amp {auto,none,bf16,fp16} and detection's --precision {auto,fp32,bf16} are one
+    # option, --precision {auto,fp32,bf16,fp16}, everywhere; --amp still works, warns once, none is fp32
+    from detector.apps.train_detector import parse_args as train_args
+    from detector.apps.train_multibox import parse_args as multibox_args
+
+    monkeypatch.setattr(options, "_warned", set())
+    needed = ["--train", "x.json", "--out", "run"]
+    assert train_args(needed).precision == "auto" and capsys.readouterr().err == ""
+    assert train_args([*needed, "--precision", "fp16"]).precision == "fp16"
+    args = train_args([*needed, "--amp", "none"])  # parsed twice by the tool (the budget's probe): one warning
+    assert args.precision == "fp32"
+    assert capsys.readouterr().err == "warning: --amp is the old name of --precision; use --precision fp32\n"
+    assert multibox_args(["--annotations", "x.json", "--out", "run", "--amp", "bf16"]).precision == "bf16"
+    assert capsys.readouterr().err == ""  # once per process
+    for parser_of in (train_args, multibox_args):
+        with pytest.raises(UserError, match="argument --precision: invalid choice: 'none'"):
+            parser_of([*needed, "--annotations", "x.json", "--precision", "none"])
+
+
+@pytest.mark.parametrize("tool", ["train_detector", "train_multibox", "detect", "benchmark_map"])
+def test_every_tool_offers_the_same_precision_words(tool, capsys):
+    module = {"train_detector": train_detector, "train_multibox": train_multibox, "detect": detect,
+              "benchmark_map": benchmark_map}[tool]
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--precision {auto,fp32,bf16,fp16}" in " ".join(out.split()), out
+    assert "--amp" not in out  # the old name works, but is not offered
+
+
+def test_fp16_needs_a_gpu_in_one_line(tmp_path):
+    import torch
+
+    from detector.device import resolve_precision
+    from detector.training.engine import EngineConfig, train
+    from detector.training.schedule import ScheduleConfig
+
+    with pytest.raises(UserError, match="precision 'fp16' needs a GPU; use --precision bf16 or fp32 on the CPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    fp16 = EngineConfig(out_dir=str(tmp_path), precision="fp16", progress=False, num_workers=0,
+                        schedule=ScheduleConfig(iterations=1, warmup_iters=0))
+    with pytest.raises(UserError, match="precision 'fp16' needs a GPU; use --precision bf16 or fp32 on the CPU"):
+        train(torch.nn.Linear(2, 1), None, None, fp16)
+    config = EngineConfig(out_dir=str(tmp_path), precision="fp32")
+    assert config.amp == "none"  # the word a run before the rename recorded in its resume settings
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
+        EngineConfig(out_dir=str(tmp_path), precision="none")

@@ -54,6 +54,7 @@ from detector.base.errors import UserError
 from detector.base.files import atomic_write, check_output_file, check_output_folder
 from detector.base.jobs import Shard, default_workers, print_failures, refuse_all_failed
 from detector.base.options import (
+    add_precision_argument,
     diagnose_top,
     iou,
     method_or_store,
@@ -144,7 +145,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=probability,
                    help="keep detections with score in [T, 1], T in [0, 1] (default: the checkpoint's, 0.05 unless set)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available; torchrun: this rank's GPU), cpu, cuda:N")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="network precision")
+    add_precision_argument(g, "network precision (auto: bf16 where the hardware has it natively, else fp32; fp16: "
+                              "a GPU only)")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help="regions per forward pass, across images (default 64 on the CPU, 1024 on CUDA)")
     g.add_argument("--compile", action="store_true",

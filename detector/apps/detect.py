@@ -2,7 +2,7 @@
 
     gdet-detect INPUT [INPUT ...] [--model PATH [--model PATH ...]] [--classes NAME[,NAME...]]
                 [--json OUT|-] [--out PATH] [--threshold T] [--agnostic-nms IOU] [--max-proposals N] [--proposals METHOD|STORE]
-                [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--threads N] [--workers N] [--compile]
+                [--device auto|cpu|cuda] [--precision auto|fp32|bf16|fp16] [--threads N] [--workers N] [--compile]
     (python tools/detect.py ... in a checkout runs the same code)
 
 INPUT is an image file, a folder (the image files directly inside it, sorted by name) or a quoted
@@ -33,11 +33,17 @@ from tqdm import tqdm
 
 import detector.base.checkpoint as checkpoint
 from detector.base.cli import ToolParser, run_tool
-from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
 from detector.base.files import check_output_file, check_output_folder
 from detector.base.io import IMAGE_EXTENSIONS, load_image
-from detector.base.options import iou, method_or_store, non_negative_int, positive_int, probability
+from detector.base.options import (
+    add_precision_argument,
+    iou,
+    method_or_store,
+    non_negative_int,
+    positive_int,
+    probability,
+)
 from detector.base.threads import add_threads_argument, configure_threads
 from detector.draw import draw_detections, save_image
 from proposals.store import open_proposal_source
@@ -83,8 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="proposal method (ss-fast, ss-quality, ...) or a precomputed proposal store "
                              "(default: the checkpoint's method)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: bf16 where the hardware has it natively, else fp32")
+    add_precision_argument(parser, "auto: bf16 where the hardware has it natively, else fp32 (fp16: a GPU only)")
     parser.add_argument("--workers", type=non_negative_int, metavar="N",
                         help="processes computing proposals ahead of the network when several images are "
                              "given (default: the usable cores but one; 0: in this process)")

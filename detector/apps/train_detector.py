@@ -23,6 +23,7 @@ from detector.base.defaults import MAX_PROPOSALS
 from detector.base.errors import UserError
 from detector.base.files import check_output_folder
 from detector.base.options import (
+    add_precision_argument,
     comma_ints,
     iou,
     json_object,
@@ -109,8 +110,8 @@ def parse_args(argv):
     g.add_argument("--keep-snapshots", action="store_true", help="keep every periodic checkpoint as iter_NNNNNN")
     g.add_argument("--eval-every", type=non_negative_int, default=0, help="iterations between evaluations (0: at the end only)")
     g.add_argument("--log-every", type=positive_int, default=20)
-    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
-                   help="mixed precision (auto: bf16 on a GPU, none on the CPU)")
+    add_precision_argument(g, "mixed precision (auto: bf16 autocast on a GPU that has it, fp32 on the CPU; fp16: a "
+                              "GPU only)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_argument(g)
     g.add_argument("--workers", type=non_negative_int, default=None,
@@ -146,7 +147,7 @@ def build_config(args):
         engine = EngineConfig(out_dir=args.out, schedule=schedule, momentum=args.momentum,
                               weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
                               keep_snapshots=args.keep_snapshots, eval_every=args.eval_every,
-                              log_every=args.log_every, amp=args.amp, grad_clip=args.grad_clip,
+                              log_every=args.log_every, precision=args.precision, grad_clip=args.grad_clip,
                               num_workers=args.workers, seed=args.seed, progress=not args.no_progress)
         post = PostprocessConfig(score_threshold=args.score_threshold, nms_iou=args.nms_iou,
                                  max_detections=args.max_detections)

@@ -24,6 +24,7 @@ from detector.base.cli import ToolParser, run_tool
 from detector.base.errors import UserError
 from detector.base.files import check_output_file, check_output_folder
 from detector.base.options import (
+    add_precision_argument,
     iou,
     learning_rate,
     non_negative_int,
@@ -78,7 +79,8 @@ def parse_args(argv):
     opt.add_argument("--momentum", type=unit_fraction, default=0.9)
     opt.add_argument("--weight-decay", type=non_negative_number, default=5e-4)
     opt.add_argument("--grad-clip", type=non_negative_number, default=10.0, help="gradient norm clip (0: none; default 10)")
-    opt.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto")
+    add_precision_argument(opt, "mixed precision (auto: bf16 autocast on a GPU that has it, fp32 on the CPU; "
+                                "fp16: a GPU only)")
     opt.add_argument("--seed", type=seed, default=0)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, help="run directory")
@@ -120,7 +122,7 @@ def build_config(args):
         engine = EngineConfig(out_dir=args.out, schedule=schedule, momentum=args.momentum,
                               weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
                               eval_every=args.eval_every, metric=args.metric, log_every=args.log_every,
-                              amp=args.amp, grad_clip=args.grad_clip, num_workers=args.workers,
+                              precision=args.precision, grad_clip=args.grad_clip, num_workers=args.workers,
                               seed=args.seed, progress=not args.no_progress)
     except ValueError as err:
         raise UserError(f"bad option: {err}") from None

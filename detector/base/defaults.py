@@ -31,8 +31,10 @@ SCORE_THRESHOLD = 0.05
 NMS_IOU = 0.3
 MAX_DETECTIONS = 100
 
-# Inference precision: "auto" is bf16 where the hardware has it natively, else fp32.
-PRECISIONS = ("auto", "fp32", "bf16")
+# The network's precision, in every tool (--precision): "auto" picks per task (detection: bf16 where the
+# hardware has it natively, else fp32; training: bf16 autocast on a GPU with bf16, else fp32); "fp16"
+# needs a GPU (training: with a gradient scaler).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Crops per forward pass of the detection engine (filled across images): small batches suit a CPU
 # (no gain beyond 64, more memory), a GPU needs large ones to be busy (issue 12: batch 1024 on an H200).

@@ -22,11 +22,12 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 
-from detector.base.defaults import PROPOSAL_METHODS, SS_BACKENDS
+from detector.base.defaults import PRECISIONS, PROPOSAL_METHODS, SS_BACKENDS
 
-__all__ = ["check_json_value", "comma_ints", "diagnose_top", "int_in", "iou", "json_object", "json_value", "key_value", "learning_rate",
+__all__ = ["add_precision_argument", "check_json_value", "comma_ints", "diagnose_top", "int_in", "iou", "json_object", "json_value", "key_value", "learning_rate",
            "method_or_store", "non_negative_int", "non_negative_number", "number_in", "positive_int",
            "positive_number", "probability", "proposal_method", "proposal_method_backend", "seed", "shard",
            "unit_fraction"]
@@ -201,3 +202,30 @@ def check_json_value(parse: Callable[[str], object], value: object):
     if isinstance(value, float) and not math.isfinite(value):
         _fail(f"expected a finite {getattr(parse, '__name__', 'number')}, got {value}")
     return parse(value if isinstance(value, str) else repr(value))
+
+
+# -- the network's precision: one option, one set of words, for every tool ----------------------------------
+
+AMP_WORDS = {"auto": "auto", "none": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}  # --amp: the old name
+_warned: set[str] = set()  # deprecated spellings already warned about in this process (once each)
+
+
+class _DeprecatedAmp(argparse.Action):
+    """``--amp WORD``: the training tools' earlier name for ``--precision`` (``none`` is ``fp32``); sets
+    ``precision`` and warns once on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        word = AMP_WORDS[values]
+        if "--amp" not in _warned:
+            _warned.add("--amp")
+            print(f"warning: --amp is the old name of --precision; use --precision {word}", file=sys.stderr)
+        setattr(namespace, self.dest, word)
+
+
+def add_precision_argument(parser, help: str, default: str = "auto") -> None:
+    """``--precision {auto,fp32,bf16,fp16}`` on ``parser`` (or an argument group), the one name of every
+    tool (``help`` says what ``auto`` picks there), and the old ``--amp {auto,none,bf16,fp16}`` as a
+    hidden alias that warns once (``none``: ``fp32``)."""
+    parser.add_argument("--precision", default=default, choices=PRECISIONS, help=help)
+    parser.add_argument("--amp", dest="precision", choices=tuple(AMP_WORDS), action=_DeprecatedAmp,
+                        help=argparse.SUPPRESS)

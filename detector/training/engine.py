@@ -1,4 +1,4 @@
-"""A generic training loop: SGD with warm-up and decay, DDP under torchrun, AMP, exact resume.
+"""A generic training loop: SGD with warm-up and decay, DDP under torchrun, mixed precision, exact resume.
 
 The loop knows nothing about detection. It takes
 
@@ -47,6 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detector.base.checkpoint import save_checkpoint
+from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
 from detector.base.jobs import default_workers
 from detector.training.distributed import DistContext, all_reduce_mean, barrier, broadcast_object
@@ -85,7 +86,9 @@ class EngineConfig:
     eval_every: iterations between evaluations (0: only at the end, when an evaluator is given).
     metric: the evaluation result that picks the best checkpoint (higher is better).
     log_every: iterations between lines of ``metrics.jsonl``.
-    amp: ``"auto"`` (bf16 on a GPU that supports it, none on the CPU), ``"none"``, ``"bf16"`` or ``"fp16"``.
+    precision: the words of every tool's ``--precision``: ``"auto"`` (bf16 autocast on a GPU that supports
+        it, fp32 on the CPU, whatever the CPU: a run's numbers do not depend on its kernels), ``"fp32"``,
+        ``"bf16"`` (autocast; on CPUs too) or ``"fp16"`` (autocast with a gradient scaler; a GPU only).
     grad_clip: clip the gradient norm to this value (0: no clipping).
     num_workers: data-loading processes, started with ``spawn`` (None: the usable cores but one, see
         :func:`detector.base.jobs.default_workers`; 0: load in the training process).
@@ -102,19 +105,25 @@ class EngineConfig:
     eval_every: int = 0
     metric: str = "mAP"
     log_every: int = 20
-    amp: str = "auto"
+    precision: str = "auto"
     grad_clip: float = 0.0
     num_workers: int | None = None
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
-        if self.amp not in ("auto", "none", "bf16", "fp16"):
-            raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.checkpoint_every < 0 or self.eval_every < 0 or self.log_every < 1:
             raise ValueError("checkpoint_every and eval_every must be >= 0, log_every >= 1")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (or None: sized to the machine), got {self.num_workers}")
+
+    @property
+    def amp(self) -> str:
+        """:attr:`precision` in the words of its earlier name (``--amp``: ``"none"`` for fp32), as the
+        resume settings of runs record it: a run started before the rename still resumes."""
+        return "none" if self.precision == "fp32" else self.precision
 
 
 @dataclass
@@ -130,15 +139,16 @@ class TrainResult:
 # the loop
 
 
-def _autocast(amp: str, device: torch.device):
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    if amp == "none":
+def _autocast(precision: str, device: torch.device):
+    """``(autocast context, use a gradient scaler)`` for ``precision`` (see :class:`EngineConfig`)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
         return contextlib.nullcontext(), False
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("amp 'fp16' needs a GPU; use --amp bf16 or none on the CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype), amp == "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision 'fp16' needs a GPU; use --precision bf16 or fp32 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), precision == "fp16"
 
 
 def to_device(batch, device: torch.device):
@@ -203,7 +213,7 @@ class _Run:
         model.to(ctx.device)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(config.schedule, 0),
                                          momentum=config.momentum, weight_decay=config.weight_decay)
-        self.autocast, use_scaler = _autocast(config.amp, ctx.device)
+        self.autocast, use_scaler = _autocast(config.precision, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if use_scaler else None
         self.best_metric, self.best_iteration = None, None
         self.saved_iteration: int | None = None  # of the last good state in out_dir (None: none yet)
