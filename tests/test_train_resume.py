@@ -237,6 +237,37 @@ def test_a_nan_loss_is_one_line_and_the_last_good_checkpoint_is_kept(tmp_path, c
         run(tmp_path / "b", iterations=12, source=CountingSource(), loss=nan_loss_at(3))
 
 
+@pytest.mark.slow  # about 16 s on 2 busy cores: two real (tiny) runs of the tool
+def test_train_detector_with_a_huge_learning_rate_is_one_line_on_a_run_and_on_resume(chess, tmp_path, capsys):
+    # the case: train_detector.py --lr 1e4 diverges in a few iterations (whichever comes first: a
+    # NaN loss, or NaN weights at a checkpoint): one line, exit 2, the last good checkpoint kept; the same
+    # on --resume. Which iteration depends on the CPU's arithmetic: the test reads the kept one from the file.
+    from test_train_tool import subset_json
+
+    from detector.apps import train_detector
+    from detector.base.cli import run_tool
+
+    train = subset_json(chess, "valid", 1, tmp_path / "train")
+    out = tmp_path / "run"
+    argv = ["--train", str(train), "--out", str(out), "--workers", "0", "--lr", "1e4", "--warmup-iters", "0",
+            "--input-size", "48", "--iterations", "8", "--regions-per-batch", "8", "--checkpoint-every", "2",
+            "--log-every", "1", "--eval-max-proposals", "16", "--max-proposals", "200", "--threads", "1",
+            "--no-progress", "--proposal-options", '{"max_side": 200}']
+    lines = []
+    for extra in ([], ["--resume", str(out)]):
+        assert run_tool(train_detector.main, argv + extra) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("error: training diverged: the ") and " at iteration " in err, err
+        assert err.endswith("; lower the learning rate (--lr) or check the data\n"), err
+        lines.append(err)
+        if not (out / "last.state.pt").exists():  # diverged before the first checkpoint: nothing to resume
+            assert "no checkpoint was written" in err
+            return
+        assert f"the last good checkpoint in '{out}' (iteration {load_train_state(out)['iteration']}) is kept" in err
+    assert lines[0] == lines[1]  # the resume diverges where the run did, and says the same
+
+
 def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
     run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
