@@ -62,6 +62,7 @@ QUANT = 65535.0  # box coordinates are multiples of 1/QUANT of the image size
 _ALIGN = 64
 _TMP_PREFIX = ".part."
 _DTYPES = {"names": "|u1", "sizes": "<i4", "offsets": "<i8", "boxes": "<u2", "scores": "<f2", "crcs": "<u4"}
+_NP_DTYPES = {key: np.dtype(dtype) for key, dtype in _DTYPES.items()}
 _NDIM = {"names": 1, "sizes": 2, "offsets": 1, "boxes": 2, "scores": 1, "crcs": 1}
 _DIGEST_IN_NAME = re.compile(r"-([0-9a-f]{16})" + re.escape(SUFFIX) + "$")  # part-<digest>, chunk-...-<digest>
 _NO_CONTENT = "0" * 32  # the content digest's place while the content is written (same length)
@@ -280,12 +281,14 @@ class Part:
     """
 
     def __init__(self, path: str | os.PathLike, mapped: bool = True, meta: dict | None = None):
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) else Path(path)
         self.boxes = self.scores = None
         self._map = None
-        with open(self.path, "rb") as f:  # every read and the map of the same file, even if it is renamed
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(len(MAGIC) + 8 + 16)
+        fd = os.open(self.path, os.O_RDONLY)  # every read and the map of the same file, even if it is renamed
+        try:
+            size = os.fstat(fd).st_size
+            first = os.pread(fd, min(size, 1 << 16), 0)  # the header and, in a small part, the names index
+            head = first[:len(MAGIC) + 8 + 16]
             if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] not in (MAGIC, MAGIC_V1):
                 raise self._damaged("not a proposal store part, or its first bytes are damaged: bad magic")
             self.version = 2 if head[: len(MAGIC)] == MAGIC else 1
@@ -293,12 +296,11 @@ class Part:
             prefix = len(MAGIC) + 8 + (16 if self.version == 2 else 0)
             if length > size - prefix:
                 raise self._damaged("the header runs past the end of the file: truncated or damaged")
-            f.seek(prefix)
-            raw = f.read(length)
+            raw = first[prefix:prefix + length] if prefix + length <= len(first) else os.pread(fd, length, prefix)
             if self.version == 2 and _digest16(raw) != head[len(MAGIC) + 8:prefix]:
                 raise self._damaged("header checksum mismatch")
             try:
-                header = json.loads(raw.decode("utf-8"))
+                header = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise self._damaged("unreadable header") from None
             self._content_at = prefix + length  # the content digest covers every byte from here
@@ -313,21 +315,25 @@ class Part:
 
             def read(key: str) -> np.ndarray:
                 dtype, shape, offset = specs[key]
-                f.seek(start + offset)
-                data = f.read(math.prod(shape) * dtype.itemsize)
-                return np.frombuffer(data, dtype).reshape(shape)  # the layout check vouches for the length
+                lo, n = start + offset, math.prod(shape) * dtype.itemsize
+                data = first[lo:lo + n] if lo + n <= len(first) else os.pread(fd, n, lo)
+                if len(data) != n:  # the layout check saw the file longer: it was cut since
+                    raise self._damaged("truncated while it was read")
+                return np.frombuffer(data, dtype).reshape(shape)
 
             blob = read("names").tobytes()
             self.sizes, self.offsets = read("sizes"), read("offsets")
             self.crcs = read("crcs") if "crcs" in specs else None
             self.has_scores = "scores" in specs
             if mapped:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 for key in ("boxes", "scores"):
                     if key in specs:
                         dtype, shape, offset = specs[key]
                         setattr(self, key, np.frombuffer(self._map, dtype, math.prod(shape), start + offset)
                                 .reshape(shape) if math.prod(shape) else np.zeros(shape, dtype))
+        finally:
+            os.close(fd)
         self.meta, self.failures = header.get("meta", {}), header.get("failures", {})
         if not (isinstance(self.meta, dict) and isinstance(self.failures, dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in self.failures.items())):
@@ -342,7 +348,7 @@ class Part:
         if (len(names) != self.num_images or len(set(names)) != self.num_images or "" in names
                 or not self.failures.keys().isdisjoint(names)):
             raise self._damaged(f"{len(names)} names (some empty, repeated or failed) for {self.num_images} images")
-        if self.offsets[0] != 0 or self.offsets[-1] != num_boxes or (np.diff(self.offsets) < 0).any():
+        if self.offsets[0] != 0 or self.offsets[-1] != num_boxes or (self.offsets[1:] < self.offsets[:-1]).any():
             raise self._damaged("box offsets out of order or out of range")
         if self.num_images and self.sizes.min() < 1:
             raise self._damaged("an image size is not positive")
@@ -399,7 +405,7 @@ class Part:
             ok = ok and offset >= 0 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
             if not ok:
                 raise self._damaged(f"malformed entry for {key!r} in the header")
-            specs[key] = (np.dtype(_DTYPES[key]), tuple(shape), offset)
+            specs[key] = (_NP_DTYPES[key], tuple(shape), offset)
         num_images, num_boxes = specs["sizes"][1][0], specs["boxes"][1][0]
         expected = {"sizes": (num_images, 2), "offsets": (num_images + 1,), "boxes": (num_boxes, 4),
                     "scores": (num_boxes,), "crcs": (num_images,)}

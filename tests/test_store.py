@@ -305,3 +305,133 @@ def test_merge_refuses_to_copy_a_damaged_part(tmp_path):
     with pytest.raises(UserError, match="checksum mismatch"):
         merge([tmp_path / "s"], tmp_path / "out")
     assert not list((tmp_path / "out").glob("*"))  # nothing written, the damage not laundered into a new part
+
+
+# ----------------------------------------------------------------------------------------------------
+# many parts under a low limit of open files (issue 17), and parts of another store (issue 18)
+
+
+def write_store(folder, num_parts, per_part=1, seed=0, meta=META, settings=True):
+    """A store folder as precompute leaves it: ``store.json`` and parts named ``chunk-<c>-<tag>-<digest>``
+    (the digest every reader checks), ``per_part`` images each. Returns the parts."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if settings:
+        (folder / "store.json").write_text(json.dumps({"format": "proposal-store", "settings": meta}))
+    entries = random_entries(num_parts * per_part, seed=seed)
+    return [write_part(lambda digest, c=c: folder / f"chunk-{c:07d}-00000000-{digest}.pstore",
+                       entries[c * per_part:(c + 1) * per_part], meta) for c in range(num_parts)]
+
+
+LOW_LIMIT = """
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # the soft and the hard limit: 64 open files
+from proposals.store import ProposalStore, compact, verify
+folder = sys.argv[1]
+store = ProposalStore(folder)
+names = store.names()
+boxes = [store[name][0].sum() for name in names] + [store[name][0].sum() for name in names[::-7]]
+most = len(os.listdir("/proc/self/fd"))
+report = verify(folder)
+assert not report.damaged and report.parts == store.num_parts, report
+compact(folder)
+after = ProposalStore(folder)
+assert after.names() == names and [after[name][0].sum() for name in names] == boxes[:len(names)]
+print(len(names), store.num_parts, store.max_open_parts, store.open_parts, most, after.num_parts)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_many_parts_open_read_verify_and_compact_under_a_low_file_limit(tmp_path, monkeypatch):
+    # 600 parts under RLIMIT_NOFILE = 64: every part was opened at once before (Errno 24 from 60 parts
+    # on). Now at most max_open_parts = 64 // 8 = 8 parts are mapped at a time, and verify and compaction
+    # open one part (plus the one written) at a time.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr("proposals.part.os.fsync", lambda fd: None)  # synthetic parts, written fast
+    write_store(tmp_path / "s", 600)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", LOW_LIMIT, str(tmp_path / "s")], capture_output=True, text=True,
+                            cwd=root, timeout=120)
+    assert result.returncode == 0, result.stderr
+    images, parts, max_open, still_open, most_files, parts_after = map(int, result.stdout.split())
+    assert (images, parts, max_open, parts_after) == (600, 600, 8, 1)
+    assert still_open == max_open and most_files <= max_open + 16  # 16: the interpreter's own files
+
+
+def test_open_parts_are_bounded_and_reads_are_the_same(tmp_path, monkeypatch):
+    monkeypatch.setattr("proposals.part.os.fsync", lambda fd: None)
+    write_store(tmp_path / "s", 40, per_part=3)
+    small, whole = ProposalStore(tmp_path / "s", max_open_parts=2), ProposalStore(tmp_path / "s", max_open_parts=64)
+    rng = np.random.default_rng(0)
+    names = small.names()
+    for i in rng.integers(0, len(names), 300):  # random order: most lookups open their part again
+        got, want = small[names[i]], whole[names[i]]
+        np.testing.assert_array_equal(got[0], want[0])
+        assert small.image_size(names[i]) == whole.image_size(names[i])
+        assert small.open_parts <= 2
+    assert small.num_boxes() == whole.num_boxes() and len(small) == 120
+
+
+def test_a_part_of_another_store_in_its_place_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    # issue 18: two stores of the same images with the same settings (say, two datasets that name their
+    # images alike); a part of one copied over a part of the other, under its name, is a valid part: it
+    # was read, and gave the other store's boxes. Its digest differs from the digest its name promises.
+    import shutil
+
+    from detector.base.cli import run_tool
+    from proposals.store import ForeignPart
+
+    ours, theirs = write_store(tmp_path / "a", 3, per_part=2, seed=1), write_store(tmp_path / "b", 3, per_part=2, seed=2)
+    store = ProposalStore(tmp_path / "a", max_open_parts=1)
+    before = store[store.names()[0]][0]
+    store[store.names()[-1]]  # the first part is closed now (one map at a time)
+    shutil.copyfile(theirs[0], ours[0])  # same names, other boxes
+    with pytest.raises(ForeignPart) as err:  # read again after the swap: checked when its part is opened again
+        store[store.names()[0]]
+    for opened in (lambda: ProposalStore(tmp_path / "a"), lambda: ProposalStore(tmp_path / "a")[store.names()[0]]):
+        with pytest.raises(ForeignPart) as err:
+            opened()
+        message = str(err.value)
+        assert message.startswith(f"{ours[0]}: not a part of this proposal store (its digest is ")
+        assert "\n" not in message and "delete it, or rerun tools/precompute_proposals.py" in message
+    assert list(verify(tmp_path / "a").damaged) == [ours[0]]
+    assert not np.array_equal(before, ProposalStore(tmp_path / "b")[store.names()[0]][0])  # a real difference
+
+    # a part made with other settings, under its own (right) name: store.json says what the store holds
+    ours[0].unlink()
+    other = write_store(tmp_path / "c", 1, seed=3, meta={"method": "ss-quality", "options": {}})[0]
+    shutil.copyfile(other, tmp_path / "a" / other.name)
+    with pytest.raises(ForeignPart, match=f"{tmp_path / 'a' / other.name}: not a part of this proposal store "
+                                          r"\(made with .*ss-quality.*, the store with .*ss-fast"):
+        ProposalStore(tmp_path / "a")
+
+    # detect.py --proposals and training: the same one line, exit 2, before any work
+    from PIL import Image
+
+    from detector import pipeline
+    from detector.apps import detect as detect_tool
+    from detector.training.rcnn import ProposalConfig, proposal_settings
+
+    monkeypatch.setattr(pipeline, "load_detector", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    Image.new("RGB", (24, 16)).save(tmp_path / "x.jpg")
+    assert run_tool(detect_tool.main, [str(tmp_path / "x.jpg"), "--proposals", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'a' / other.name}: not a part of this proposal store" in err
+    with pytest.raises(ForeignPart):
+        proposal_settings(ProposalConfig(store=str(tmp_path / "a")))
+
+
+def test_one_compaction_at_a_time(tmp_path, monkeypatch):
+    from proposals.store import compaction_lock
+
+    monkeypatch.setattr("proposals.part.os.fsync", lambda fd: None)
+    parts = write_store(tmp_path / "s", 5)
+    with compaction_lock(tmp_path / "s") as held:  # another process compacting, as far as compact can tell
+        assert held
+        assert compact(tmp_path / "s") is None and part_files(tmp_path / "s") == parts
+    target = compact(tmp_path / "s")
+    assert part_files(tmp_path / "s") == [target] and len(ProposalStore(tmp_path / "s")) == 5
