@@ -377,6 +377,11 @@ def setup_ilsvrc(box: Path) -> None:
 
 
 def setup_multibox(box: Path) -> None:
+    # "runs/mb/best", the checkpoint of the first block: a copy of the shipped model (the second block
+    # trains its own into runs/mb)
+    (box / "runs" / "mb").mkdir(parents=True)
+    for ext in (".safetensors", ".json"):
+        shutil.copy(REPO / "proposals" / "resources" / f"default_multibox{ext}", box / "runs" / "mb" / f"best{ext}")
     for split, count in (("train", 8), ("valid", 4), ("test", 3)):
         chess_subset(box / f"chess_{split}{count}", split, count)
 
