@@ -302,3 +302,95 @@ def test_runs_with_other_settings_never_share_a_store(images, tmp_path):
     precompute(list_images(images), tmp_path / "ref",
                PrecomputeConfig(options=(("max_side", int(winner)),), chunk_size=1), progress=False)
     assert only_part(out).read_bytes() == only_part(tmp_path / "ref").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# ILSVRC size: any number of parts under a low limit of open files, one compaction whatever the ranks
+
+LOW_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # the soft and the hard limit: 64 open files
+from proposals.precompute import PrecomputeConfig, list_images, precompute
+report = precompute(list_images(sys.argv[1]), sys.argv[2],
+                    PrecomputeConfig(options=(("max_side", 96),), chunk_size=1), progress=False)
+print(report.done, report.total, len(report.failures), report.complete)
+"""
+
+
+def run_low_limit(images, out):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", LOW_LIMIT, str(images), str(out)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_precompute_under_a_low_file_limit_completes(tmp_path):
+    # 100 one-image chunks under RLIMIT_NOFILE = 64: the run did all its work, then failed reading its
+    # 100 parts at once (Errno 24), before compaction; and so did every rerun.
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    assert run_low_limit(folder, tmp_path / "s") == ["100", "100", "0", "True"]
+    store = ProposalStore(only_part(tmp_path / "s"))
+    assert len(store) == 100 and not list((tmp_path / "s").glob(".*tmp*"))
+
+
+def test_rerun_on_a_store_of_many_parts_under_a_low_file_limit_completes(images, tmp_path, monkeypatch):
+    # The rerun after such a failure: 600 finished one-image parts (synthetic, as precompute names them)
+    # and 12 images still to do, under RLIMIT_NOFILE = 64: verified, done, compacted into one part.
+    from proposals.precompute import SETTINGS_FILE, _chunk_name
+    from proposals.store import ImageProposals, encode_boxes, write_part
+
+    monkeypatch.setattr("proposals.part.os.fsync", lambda fd: None)  # synthetic parts, written fast
+    out = tmp_path / "s"
+    meta = PrecomputeConfig(options=OPTIONS).meta()
+    done = [ImageProposals(f"z/done{i:04d}.jpg", (40, 60), encode_boxes([[1, 2, 30, 20], [0, 0, 60, 40]], (40, 60)))
+            for i in range(600)]
+    for c, entry in enumerate(done):
+        write_part(lambda digest, c=c, e=entry: out / _chunk_name(1000 + c, [e.name], meta, digest), [entry], meta)
+    listed = tmp_path / "list.txt"  # the 12 images of the fixture, then the 600 done ones
+    listed.write_text("".join(f"{e.name}\n" for e in list_images(images)) + "".join(f"{e.name}\n" for e in done))
+    LIST = LOW_LIMIT.replace("list_images(sys.argv[1])", f"list_images(sys.argv[1], {str(images)!r})")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", LIST, str(listed), str(out)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["12", "612", "2", "True"]  # two of the fixture's files are broken
+    store = ProposalStore(only_part(out))
+    assert len(store) == 610 and len(store.failures) == 2 and (out / SETTINGS_FILE).is_file()
+
+
+RANK = """
+import sys
+import proposals.store as store
+real = store.merge
+def merge(*args, **kwargs):  # each compaction leaves a line in the log
+    with open(sys.argv[3], "a") as log:
+        log.write("merge\\n")
+    return real(*args, **kwargs)
+store.merge = merge
+from proposals.precompute import PrecomputeConfig, list_images, precompute
+report = precompute(list_images(sys.argv[1]), sys.argv[2], PrecomputeConfig(options=(("max_side", 96),),
+                    chunk_size=1, shard=(int(sys.argv[4]), 2)), progress=False)
+assert report.complete
+"""
+
+
+def test_two_ranks_sharing_a_store_compact_it_once(images, tmp_path):
+    # Two shards of one store folder (torchrun ranks, or training ranks sharing the proposal cache), run
+    # at the same moment: every rank compacted when its shard was done, each making a temporary copy of
+    # the whole store at once. Now the last to finish (or, of two finishing together, the one holding
+    # the lock) compacts, once: one temporary copy whatever the number of ranks.
+    run(images, tmp_path / "ref")
+    out, log = tmp_path / "shared", tmp_path / "merges.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(images), str(out), str(log), str(k)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert log.read_text() == "merge\n"
+    assert only_part(out).read_bytes() == only_part(tmp_path / "ref").read_bytes()
+    assert not list(out.glob(".*tmp*"))
