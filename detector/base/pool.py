@@ -30,6 +30,8 @@ that loaded machine: small jobs are better done in the calling thread.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
 import time
 import weakref
 from collections import deque
@@ -190,7 +192,69 @@ def opencv_single_thread() -> None:
         configure_threads(1)
 
 
+def local_world_size() -> int:
+    """Processes of this job on this machine: torchrun's ``LOCAL_WORLD_SIZE`` (1 when not set or not a
+    whole number >= 1). They share the machine's cores, so each sizes its worker pools to its share."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def default_workers(cap: int = 16) -> int:
-    """Worker processes when the user names none: the usable cores but one (left to the process that
-    consumes the results: the training or detection loop), at least 1, at most ``cap``."""
-    return max(1, min(cap, usable_cores() - 1))
+    """Worker processes when the user names none: this process's share of the usable cores (divided
+    among the ``LOCAL_WORLD_SIZE`` processes torchrun started on this machine) but one (left to the
+    process that consumes the results: the training or detection loop), at least 1, at most ``cap``.
+
+    16 cores: 15 workers for one process; 8 ranks: 1 each (8 ranks + 8 workers on 16 cores, where
+    dividing nothing started 120). At least 1 even with one core per process: a worker overlaps the
+    data's reading with a GPU's work, which the process that waits on the GPU cannot."""
+    return max(1, min(cap, usable_cores() // local_world_size() - 1))
+
+
+class RaisedInWorker:
+    """An error a user can cause (:class:`UserError`, :class:`OSError`), raised in a worker and carried
+    back as a value, to be raised again in the caller as the same class with the same message.
+
+    For a pool that turns a worker's exception into another (torch's ``DataLoader`` re-raises it as a
+    ``RuntimeError`` holding the worker's traceback: 65 lines for one damaged store part): the work
+    catches with :meth:`capture` and returns this; the caller calls :meth:`reraise` on what it gets.
+    The error is rebuilt from its class, ``args`` and attributes (its ``__init__`` is not called again:
+    ``DamagedPart(path, reason)`` has another signature than its message); one that cannot travel
+    becomes a :class:`UserError` with the same message.
+    """
+
+    def __init__(self, error: BaseException):
+        self.message = str(error)
+        self.exit_code = getattr(error, "exit_code", 2)
+        self.payload: tuple | None = (type(error), error.args, dict(getattr(error, "__dict__", {})))
+        try:
+            pickle.loads(pickle.dumps(self.payload))
+        except Exception:  # noqa: BLE001 - whatever it holds, the message travels
+            self.payload = None
+
+    @classmethod
+    def capture(cls, work: Callable[..., Any], *args) -> Any:
+        """``work(*args)``, or a :class:`RaisedInWorker` of the user error it raised."""
+        try:
+            return work(*args)
+        except (UserError, OSError) as err:
+            return cls(err)
+
+    def error(self) -> BaseException:
+        """The error as it was raised in the worker (or a :class:`UserError` with its message)."""
+        if self.payload is not None:
+            kind, args, attributes = self.payload
+            try:
+                error = kind.__new__(kind, *args)
+                error.args = args
+                error.__dict__.update(attributes)
+                return error
+            except Exception:  # noqa: BLE001 - an exception class that cannot be rebuilt: its message
+                pass
+        error = UserError(self.message)
+        error.exit_code = self.exit_code
+        return error
+
+    def reraise(self):
+        raise self.error() from None

@@ -9,6 +9,13 @@ choice (flip, which regions) is seeded by ``(seed, iteration, rank)``.
 
 Regions are warped exactly as the detector warps them (:func:`detector.warp.warp_regions`: context
 padding, and an antialiasing pyramid for regions larger than the input), from the original image.
+
+Memory does not grow with the dataset (issue 17): an image is decoded when it is needed and its
+proposals are read from the store then (a lookup is ~0.03 ms); each process keeps at most
+``image_cache_mb`` of decoded images and ``proposal_cache_mb`` of proposals (:class:`ByteCache`, off
+when the dataset would not fit: every ILSVRC-size set). Spawned data-loading workers receive the source
+with its records packed into arrays (:class:`PackedDataset`: 480,000 records in ~50 MB, unpickled in a
+fraction of a second) and open the proposal store themselves, by its path.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from detector.base.defaults import IMAGENET_MEAN, IMAGENET_STD, MAX_PROPOSALS
 from detector.base.io import ImageError, load_image, read_image_size
 from detector.box_coder import BoxCoder
 from detector.data.records import Dataset, ImageRecord
+from detector.training.bounded import IMAGE_CACHE_MB, MB, PROPOSAL_CACHE_MB, ByteCache, PackedDataset, packed
 from detector.training.sampler import (
     SamplerConfig,
     flip_boxes,
@@ -40,12 +48,15 @@ ProposalFn = Callable[[ImageRecord, np.ndarray], np.ndarray]
 """``(record, image) -> float32 (N, 4)`` xyxy proposals in the original image's pixels, best first."""
 
 
+
 @dataclass(frozen=True)
 class RegionDataConfig:
     """input_size: side of the warped crops ``S``. context: pixels of context per side at ``S`` (None:
     R-CNN's 16 at 224, scaled). max_proposals: the first (best) proposals of each image that are used.
     min_proposal_size: proposals narrower or lower than this many pixels are dropped. seed: the data
-    order's and augmentation's seed. cache_images: keep decoded images in memory. mean, std,
+    order's and augmentation's seed. image_cache_mb, proposal_cache_mb: what each process keeps of the
+    decoded images and the proposals (see :class:`detector.training.bounded.ByteCache`; 0: nothing, each
+    image read when it is used; a cache is off for a dataset larger than it). mean, std,
     sampling_ratio, antialias: the network's input normalization and the warp's settings
     (:func:`detector.warp.warp_regions`); take them from the classifier's config."""
 
@@ -54,7 +65,8 @@ class RegionDataConfig:
     max_proposals: int = MAX_PROPOSALS
     min_proposal_size: float = 2.0
     seed: int = 0
-    cache_images: bool = True
+    image_cache_mb: float = IMAGE_CACHE_MB
+    proposal_cache_mb: float = PROPOSAL_CACHE_MB
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     sampling_ratio: int = 1
@@ -66,6 +78,11 @@ class RegionDataConfig:
         return cls(input_size=classifier.input_size, context=classifier.context, mean=classifier.mean,
                    std=classifier.std, sampling_ratio=classifier.sampling_ratio, antialias=classifier.antialias,
                    **options)
+
+    def __post_init__(self):
+        if self.image_cache_mb < 0 or self.proposal_cache_mb < 0:
+            raise ValueError(f"cache sizes must be >= 0 MB, got image_cache_mb={self.image_cache_mb}, "
+                             f"proposal_cache_mb={self.proposal_cache_mb}")
 
     @property
     def warp_context(self) -> int:
@@ -108,6 +125,19 @@ def check_images(dataset: Dataset, decode: bool = False, progress: bool = False)
     return ImageCheck(good, bad)
 
 
+def image_cache_budget(dataset: Dataset | PackedDataset, budget_mb: float) -> float:
+    """The budget of a cache of ``dataset``'s decoded images: ``budget_mb``, or 0 when the records' image
+    sizes (all known) show that the decoded images would not fit in it; with unknown sizes the cache
+    decides on its first image (:class:`detector.training.bounded.ByteCache`)."""
+    if isinstance(dataset, PackedDataset):
+        sizes = dataset.image_sizes.astype(np.int64)
+    else:
+        sizes = np.array([r.image_size or (-1, -1) for r in dataset.records], np.int64).reshape(-1, 2)
+    if len(sizes) and (sizes >= 0).all() and int((sizes.prod(axis=1) * 3).sum()) > budget_mb * MB:
+        return 0
+    return budget_mb
+
+
 class RegionBatchSource:
     """Mini-batches of warped, labelled regions, a pure function of the iteration.
 
@@ -120,9 +150,9 @@ class RegionBatchSource:
     - ``regress``: bool (R,), the regions box regression learns from.
     """
 
-    def __init__(self, dataset: Dataset, proposals: ProposalFn, sampler: SamplerConfig = SamplerConfig(),
-                 config: RegionDataConfig = RegionDataConfig(), box_coder: BoxCoder | None = None,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset: Dataset | PackedDataset, proposals: ProposalFn,
+                 sampler: SamplerConfig = SamplerConfig(), config: RegionDataConfig = RegionDataConfig(),
+                 box_coder: BoxCoder | None = None, rank: int = 0, world_size: int = 1):
         if len(dataset) == 0:
             raise ValueError("RegionBatchSource: the dataset has no images")
         self.dataset = dataset
@@ -131,9 +161,24 @@ class RegionBatchSource:
         self.config = config
         self.box_coder = box_coder or BoxCoder()
         self.rank, self.world_size = rank, world_size
-        self._images: dict[int, np.ndarray] = {}
-        self._boxes: dict[int, np.ndarray] = {}
+        self._images = ByteCache(image_cache_budget(dataset, config.image_cache_mb), len(dataset))
+        self._boxes = ByteCache(config.proposal_cache_mb, len(dataset))
         self._perms: dict[int, np.ndarray] = {}
+        self._packed: PackedDataset | None = None
+
+    def __getstate__(self) -> dict:
+        """What a spawned worker receives: the records packed into arrays (packed once, then reused),
+        the proposal function (a store travels by its path), the settings; the caches empty."""
+        if self._packed is None:
+            self._packed = packed(self.dataset)
+        state = self.__dict__.copy()
+        state.update(dataset=self._packed, _packed=None, _perms={})
+        return state
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes this process keeps in its image and proposal caches."""
+        return self._images.nbytes + self._boxes.nbytes
 
     @property
     def regions_per_batch(self) -> int:
@@ -153,24 +198,24 @@ class RegionBatchSource:
             out.append(int(perm[pos]))
         return out
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, index: int, record: ImageRecord | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The image (uint8 (H, W, 3)) and its proposals (float32 (N, 4) xyxy pixels, at most
-        ``max_proposals``, without the small ones)."""
+        ``max_proposals``, without the small ones). record: ``dataset[index]`` if the caller has it."""
+        record = self.dataset[index] if record is None else record
         image = self._images.get(index)
         if image is None:
-            rec = self.dataset.records[index]
-            image = load_image(self.dataset.image_path(rec))
-            if self.config.cache_images:
-                self._images[index] = image
-        if index not in self._boxes:
-            boxes = np.asarray(self.proposals(self.dataset.records[index], image), np.float32).reshape(-1, 4)
-            self._boxes[index] = boxes[valid_box_mask(boxes, self.config.min_proposal_size)][
-                : self.config.max_proposals]
-        return image, self._boxes[index]
+            image = load_image(self.dataset.image_path(record))
+            self._images.put(index, image)
+        boxes = self._boxes.get(index)
+        if boxes is None:
+            boxes = np.asarray(self.proposals(record, image), np.float32).reshape(-1, 4)
+            boxes = boxes[valid_box_mask(boxes, self.config.min_proposal_size)][: self.config.max_proposals]
+            self._boxes.put(index, boxes)
+        return image, boxes
 
     def image_regions(self, index: int, rng: np.random.Generator, num_regions: int, num_fg: int) -> dict:
-        rec = self.dataset.records[index]
-        image, proposals = self.load(index)
+        rec = self.dataset[index]
+        image, proposals = self.load(index, rec)
         gt = rec.gt_boxes
         if self.sampler.flip and rng.random() < 0.5:
             width = image.shape[1]

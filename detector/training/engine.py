@@ -50,6 +50,7 @@ from detector.base.checkpoint import save_checkpoint
 from detector.base.defaults import PRECISIONS
 from detector.base.errors import UserError
 from detector.base.jobs import default_workers
+from detector.base.pool import RaisedInWorker
 from detector.training.distributed import DistContext, all_reduce_mean, barrier, broadcast_object
 from detector.training.schedule import ScheduleConfig, learning_rate
 from detector.training.state import (
@@ -90,8 +91,8 @@ class EngineConfig:
         it, fp32 on the CPU, whatever the CPU: a run's numbers do not depend on its kernels), ``"fp32"``,
         ``"bf16"`` (autocast; on CPUs too) or ``"fp16"`` (autocast with a gradient scaler; a GPU only).
     grad_clip: clip the gradient norm to this value (0: no clipping).
-    num_workers: data-loading processes, started with ``spawn`` (None: the usable cores but one, see
-        :func:`detector.base.jobs.default_workers`; 0: load in the training process).
+    num_workers: data-loading processes, started with ``spawn`` (None: this process's share of the usable
+        cores but one, see :func:`detector.base.jobs.default_workers`; 0: load in the training process).
     seed: seeds python, numpy and torch before the first iteration.
     progress: show a progress bar (rank 0).
     """
@@ -170,7 +171,9 @@ class _IterationDataset(torch.utils.data.Dataset):
         return self.stop - self.start
 
     def __getitem__(self, index: int):
-        return self.source.batch(self.start + index)
+        # in a worker: a user error comes back as a value, raised again below as itself (one line), where
+        # the DataLoader would turn it into a RuntimeError holding the worker's traceback
+        return RaisedInWorker.capture(self.source.batch, self.start + index)
 
 
 def _batches(source: BatchSource, start: int, stop: int, num_workers: int | None):
@@ -188,7 +191,10 @@ def _batches(source: BatchSource, start: int, stop: int, num_workers: int | None
                                          multiprocessing_context="spawn",
                                          # a private generator: the global torch stream stays untouched
                                          generator=torch.Generator().manual_seed(start))
-    yield from loader
+    for batch in loader:
+        if isinstance(batch, RaisedInWorker):
+            batch.reraise()
+        yield batch
 
 
 class _Run:

@@ -1,6 +1,7 @@
 """Data for MultiBox: datasets named by a path, batches of whole resized images, validation recall.
 
-A MultiBox batch is whole images resized to ``S x S`` (uint8, resized once and cached) with their
+A MultiBox batch is whole images resized to ``S x S`` (uint8; preloaded into shared memory when they fit
+in a budget, else read when used: see :class:`ResizedImages`) with their
 ground-truth boxes in normalized xyxy; horizontal flips are drawn per image. :class:`MultiBoxBatches`
 returns batch ``i`` as a pure function of ``i`` (the contract of
 :class:`detector.training.engine.BatchSource`), so a resumed run reads the same batches.
@@ -20,6 +21,7 @@ from detector.base.boxes import box_iou, xyxy_to_normalized
 from detector.base.errors import UserError
 from detector.base.io import ImageError, load_image
 from detector.data import Dataset, ImageRecord
+from detector.training.bounded import MB, PRELOAD_MB, PackedDataset, packed
 
 
 def normalized_targets(record: ImageRecord, image_size: tuple[int, int]) -> np.ndarray:
@@ -33,50 +35,95 @@ def normalized_targets(record: ImageRecord, image_size: tuple[int, int]) -> np.n
 class ResizedImages:
     """A dataset's images resized to ``S x S`` (uint8 ``(S, S, 3)``) with their normalized boxes.
 
-    preload: read every image now (with a progress bar) and keep them in memory; images that cannot be
-    read are left out, and listed in ``failed`` as ``(path, reason)``. Without preload, images are read
-    when first asked for and cached; one that fails is replaced by the next readable image and listed.
+    preload: read every image now (with a progress bar) into one array in shared memory, when they all
+    fit in ``memory_mb`` (MiB; else, and without preload, every image is read when it is used: memory
+    does not grow with the dataset). A preload is one copy for all processes: spawned data-loading
+    workers map the same memory (a ``torch`` tensor in shared memory travels by handle), never a pickled
+    copy each. Images that cannot be read are left out of a preload and listed in ``failed`` as ``(path,
+    reason)``; read when used, one that fails is replaced by the next readable image, listed, and not
+    tried again by that process.
     """
 
-    def __init__(self, dataset: Dataset, input_size: int, preload: bool = True, progress: bool = True):
+    def __init__(self, dataset: Dataset | PackedDataset, input_size: int, preload: bool = True,
+                 progress: bool = True, memory_mb: float = PRELOAD_MB):
+        if memory_mb < 0:
+            raise ValueError(f"memory_mb must be >= 0, got {memory_mb}")
         self.dataset = dataset
         self.input_size = input_size
-        self.indices = list(range(len(dataset)))
+        self.memory_mb = memory_mb
+        self.indices = np.arange(len(dataset))
         self.failed: list[tuple[str, str]] = []
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        if preload:
-            for index in tqdm(list(self.indices), desc="reading images", unit="img", disable=not progress,
-                              mininterval=0.5):
-                self._load(index)
-            self.indices = [i for i in self.indices if i in self._cache]
-        if not self.indices:
+        self._unreadable: set[int] = set()
+        self._pixels: torch.Tensor | None = None  # uint8 (K, S, S, 3) in shared memory, when preloaded
+        self._targets: list[np.ndarray] = []
+        self._packed: PackedDataset | None = None
+        self.preloaded = bool(preload) and self.preload_bytes(len(dataset), input_size) <= memory_mb * MB
+        if self.preloaded:
+            self._preload(progress)
+        if not len(self.indices):
             raise UserError(f"no readable image in dataset '{dataset.name or dataset.image_root}'"
                             + (f" ({self.failed[0][0]}: {self.failed[0][1]})" if self.failed else ""))
+
+    @staticmethod
+    def preload_bytes(num_images: int, input_size: int) -> int:
+        """Bytes a preload of ``num_images`` images at ``input_size`` px takes."""
+        return num_images * input_size * input_size * 3
+
+    def _preload(self, progress: bool) -> None:
+        s, rows = self.input_size, 0
+        pixels = torch.empty((len(self.dataset), s, s, 3), dtype=torch.uint8).share_memory_()
+        array = pixels.numpy()
+        kept = []
+        for index in tqdm(range(len(self.dataset)), desc="reading images", unit="img", disable=not progress,
+                          mininterval=0.5):
+            loaded = self._read(index)
+            if loaded is not None:
+                array[rows], target = loaded
+                self._targets.append(target)
+                kept.append(index)
+                rows += 1
+        self._pixels = pixels[:rows]
+        self.indices = np.array(kept, np.int64)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _load(self, index: int) -> bool:
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
         record = self.dataset[index]
         path = self.dataset.image_path(record)
         try:
             image = load_image(path)
         except ImageError as err:
             self.failed.append((str(path), str(err)))
+            self._unreadable.add(index)
             print(f"warning: skipping unreadable image {path}: {err}", file=sys.stderr)
-            return False
+            return None
         s = self.input_size
         small = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
-        self._cache[index] = (small, normalized_targets(record, image.shape[:2]))
-        return True
+        return small, normalized_targets(record, image.shape[:2])
 
     def get(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``position``-th usable image ``(S, S, 3)`` uint8 and its boxes ``(G, 4)`` normalized xyxy."""
-        for step in range(len(self.indices)):
-            index = self.indices[(position + step) % len(self.indices)]
-            if index in self._cache or self._load(index):
-                return self._cache[index]
+        n = len(self.indices)
+        if self._pixels is not None:
+            row = position % n
+            return self._pixels[row].numpy(), self._targets[row]
+        for step in range(n):
+            index = int(self.indices[(position + step) % n])
+            if index not in self._unreadable:
+                loaded = self._read(index)
+                if loaded is not None:
+                    return loaded
         raise UserError("no readable image left in the dataset")
+
+    def __getstate__(self) -> dict:
+        """What a spawned worker receives: the records packed into arrays, the preload (if any) by its
+        shared memory's handle."""
+        if self._packed is None:
+            self._packed = packed(self.dataset)  # once, however many workers
+        state = self.__dict__.copy()
+        state.update(dataset=self._packed, _packed=None)
+        return state
 
 
 @dataclass(frozen=True)
