@@ -19,6 +19,9 @@ sampled every 20 ms (the peak) and after the step. Rows:
                     would take is ``S/img x N / workers`` + the overhead column (verify + compaction at N).
   store             ``ProposalStore(folder)`` of N images in 64-image parts (N/64 part files), then 10,000
                     random lookups: open time, lookup median, open files after open and after lookups.
+  worker-start      what a spawned data-loading worker receives: a training source over N records (built in
+                    memory, also at 100k and 480k) pickled, then unpickled in a fresh spawned process: its
+                    size, the unpickling time and the RSS it adds to the worker.
   train             ``RegionBatchSource`` (default ``RegionDataConfig``, sampler and caches; crops of
                     ``--train-size`` px) through the training engine's data loader with ``--workers``
                     spawned workers, visiting every one of the N images once (N / 2 iterations); the
@@ -65,8 +68,8 @@ PART_IMAGES = 64  # images per part file: precompute's default chunk
 ILSVRC_TRAIN = 480_000
 # (h, w) of ILSVRC DET images, roughly as often as they occur (most are 500 on the long side)
 SIZES = (((375, 500), 6), ((500, 375), 2), ((333, 500), 2), ((500, 500), 1), ((400, 500), 1), ((500, 334), 1))
-COMPONENTS = ("precompute", "store", "train", "validation", "multibox", "detect-runner", "results-ilsvrc",
-              "results-coco", "eval-ilsvrc", "eval-coco")
+COMPONENTS = ("precompute", "store", "worker-start", "train", "validation", "multibox", "detect-runner",
+              "results-ilsvrc", "results-coco", "eval-ilsvrc", "eval-coco")
 
 
 def image_name(i: int) -> str:
@@ -428,6 +431,54 @@ def run_train(data: Path, n: int, args, work: Path) -> dict:
                      "notes": f"source pickled {pickled / 1e6:.1f} MB; first batch {loaded['first_batch_s']:.1f} s"}
 
 
+def _worker_start(blob_path: str, queue) -> None:
+    """In a spawned process: what a data-loading worker pays to receive the source (imports first)."""
+    import pickle
+
+    import detector.training.data  # noqa: F401 - imported before the baseline, as a worker has it
+    import detector.training.rcnn  # noqa: F401
+
+    blob = Path(blob_path).read_bytes()
+    before = memory_mb()["rss"]
+    start = time.perf_counter()
+    source = pickle.loads(blob)
+    seconds = time.perf_counter() - start
+    del blob
+    queue.put({"unpickle_s": seconds, "rss_added_mb": memory_mb()["rss"] - before, "rss_mb": memory_mb()["rss"],
+               "peak_rss_mb": memory_mb()["hwm"], "records": len(source.dataset)})
+
+
+def run_worker_start(data: Path, n: int, args, work: Path) -> dict:
+    import pickle
+
+    from detector.base.vocab import ilsvrc_det_vocabulary
+    from detector.data.records import Dataset, ImageRecord
+    from detector.training.data import RegionBatchSource, RegionDataConfig
+    from detector.training.rcnn import StoreProposals
+
+    pool = Pool(data)  # records as the XML reader makes them, built here for N beyond the generated images
+    records = [ImageRecord(image_id=i + 1, file_name=f"{image_name(i)}.JPEG", image_size=tuple(pool.of(i)["size"]),
+                           gt_boxes=pool.of(i)["rects"], gt_labels=pool.labels(i)) for i in range(n)]
+    dataset = Dataset(records, ilsvrc_det_vocabulary(), data / "images", f"synthetic-{n}")
+    proposals = StoreProposals(proposal_store(data, n, store_boxes(n, args), compacted=False))
+    source = RegionBatchSource(dataset, proposals, config=RegionDataConfig(input_size=args.train_size))
+    start = time.perf_counter()
+    blob = pickle.dumps(source)
+    dump_s = time.perf_counter() - start
+    (work / "source.pkl").write_bytes(blob)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_worker_start, args=(str(work / "source.pkl"), queue))
+    worker.start()
+    got = queue.get(timeout=args.timeout)
+    worker.join()
+    assert got["records"] == n
+    return {"seconds": got["unpickle_s"], "images": n, "pickled_mb": len(blob) / 1e6, "pickle_s": dump_s,
+            "workers": [got],
+            "notes": f"source pickled {len(blob) / 1e6:.1f} MB in {dump_s:.2f} s; a spawned worker unpickles it in "
+                     f"{got['unpickle_s']:.2f} s, +{got['rss_added_mb']:.0f} MB"}
+
+
 def run_validation(data: Path, n: int, args, work: Path) -> dict:
     import torch
     from bench_dataset_detection import random_classifier  # this folder: run as a script
@@ -522,7 +573,8 @@ def _evaluate(data: Path, n: int, args, work: Path, fmt: str) -> dict:
 
 
 RUNNERS = {
-    "precompute": run_precompute, "store": run_store, "train": run_train, "validation": run_validation,
+    "precompute": run_precompute, "store": run_store, "worker-start": run_worker_start, "train": run_train,
+    "validation": run_validation,
     "multibox": run_multibox, "detect-runner": run_detect_runner,
     "results-ilsvrc": lambda *a: _results(*a, "ilsvrc"), "results-coco": lambda *a: _results(*a, "coco"),
     "eval-ilsvrc": lambda *a: _evaluate(*a, "ilsvrc"), "eval-coco": lambda *a: _evaluate(*a, "coco"),
@@ -531,6 +583,7 @@ RUNNERS = {
 
 IMPORTS = {  # imported before the row's baseline RSS is read: the baseline is the process ready to work
     "precompute": ["proposals.precompute"], "store": ["proposals.store"],
+    "worker-start": ["detector.training.data", "detector.training.rcnn"],
     "train": ["detector.training.data", "detector.training.rcnn", "detector.training.engine"],
     "validation": ["detector.training.validation", "detector.training.rcnn"],
     "multibox": ["detector.training.multibox", "detector.training.multibox_data", "detector.training.engine"],
@@ -569,7 +622,7 @@ def child(args) -> int:
                                if figures["images"] != n else figures["seconds"])
     workers = figures.get("workers", [])
     figures["worker_peak_rss_mb"] = max((w["peak_rss_mb"] for w in workers), default=None)
-    if workers and "first_rss_mb" in workers[0]:
+    if "first_rss_mb" in (workers[0] if workers else {}):
         figures["notes"] += (f"; worker RSS after its first batch {max(w['first_rss_mb'] for w in workers):.0f} MB"
                              f", open files {max(w['open_files'] for w in workers)}")
     Path(args.child_out).write_text(json.dumps(figures))
@@ -647,8 +700,8 @@ def fit_text(f: dict) -> str:
             return f"{'-':>24}"
         return f"{_mb(f[key]):>10} ({f[key + '_per_image'] * 1e3:+7.1f}/1k)"
 
-    extra = (f"  pickled source {f['pickled_mb']:.0f} MB, first batch {f['first_batch_s']:.1f} s"
-             if "pickled_mb" in f else "")
+    extra = f"  pickled source {f['pickled_mb']:.0f} MB" if "pickled_mb" in f else ""
+    extra += f", first batch {f['first_batch_s']:.1f} s" if "first_batch_s" in f else ""
     return (f"{f['component']:<15}{mb('peak_rss_mb')}{mb('worker_peak_rss_mb')}"
             f"{f['seconds_at_n_per_image'] * 1e3:>10.2f}{f['seconds_at_n'] / 3600:>9.2f}{extra}")
 
@@ -707,7 +760,7 @@ def prepare(args) -> Path:
     if "precompute" in comps:
         for n in args.n:
             proposal_store(data, n, args.boxes, compacted=False)
-    if "store" in comps:
+    if comps & {"store", "worker-start"}:
         for n in sorted(set(args.n) | set(args.store_n)):
             proposal_store(data, n, store_boxes(n, args), compacted=False)
     if comps & {"results-ilsvrc", "results-coco", "eval-ilsvrc", "eval-coco"}:
@@ -727,20 +780,31 @@ def main(argv=None) -> int:
         return child(args)
     started = time.perf_counter()
     data = prepare(args)
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {args.workers} workers; "
+    from detector.base.jobs import default_workers
+
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {args.workers} workers "
+          f"(default_workers() here: {default_workers()}); "
           f"RLIMIT_NOFILE {args.nofile} in every measured process", flush=True)
     print(HEADER, flush=True)
-    rows = []
+    rows: list[dict] = []
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("child")}
+
+    def save(fits=None):  # after every row: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"settings": settings, "cores": os.cpu_count(), "rows": rows,
+                                                   "extrapolation": fits or extrapolate(rows)}, indent=1))
+
     for comp in args.components:
-        for n in (sorted(set(args.n) | set(args.store_n)) if comp == "store" else args.n):
+        for n in (sorted(set(args.n) | set(args.store_n)) if comp in ("store", "worker-start") else args.n):
             if comp.startswith("eval-"):
                 from detector.evaluation.result_files import RESULT_FILES
 
                 fmt = comp.split("-")[1]
                 if not (data / "detections" / f"results-{n}-{args.detections}" / RESULT_FILES[fmt]).is_file():
                     run_child(f"results-{fmt}", n, args)  # the file to evaluate; not a row
-            rows.append(run_child(comp, n, args))
+            rows.append(run_child(comp, n, args) | {"load_average": os.getloadavg()[0]})
             print(row_text(rows[-1]), flush=True)
+            save()
     fits = extrapolate(rows)
     if fits:
         print(f"\nextrapolated to {ILSVRC_TRAIN:,} images: a least-squares line through the measured N "
@@ -749,10 +813,7 @@ def main(argv=None) -> int:
         for f in fits:
             print(fit_text(f))
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if not k.startswith("child")}
-        Path(args.json).write_text(json.dumps({"settings": settings, "cores": os.cpu_count(), "rows": rows,
-                                               "extrapolation": fits}, indent=1))
+    save(fits)
     return 0 if all("error" not in r for r in rows) else 1
 
 
