@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -224,3 +225,168 @@ def test_non_finite_numbers_in_the_file_are_refused(tmp_path):
     path.write_text('[{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": Infinity}]')
     with pytest.raises(UserError, match="results.json: result 0 has a NaN or infinite number"):
         evaluate_coco(gt, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ILSVRC scale: the grouped faster-coco-eval run equals pycocotools; result files read in chunks, written
+# as a stream
+
+
+def synthetic_case(tmp_path, seed: int = 3):
+    """A ground truth and a results file that reach every rule of COCOeval: 150 images, 12 categories
+    (category 12 has no object, category 11 objects but no results), 0-6 objects of 4..200 px per image
+    (the three area ranges), 5% crowd; results jittered around objects (some of the wrong category),
+    random boxes (some on images without objects), 130 results on one image and category (over maxDets
+    100), zero-width boxes, and scores on a 0.01 grid (many ties, broken by file order as pycocotools
+    does)."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 400, "height": 300} for i in range(1, 151)]
+    annotations = []
+    for image in images:
+        for _ in range(int(rng.integers(0, 7))):
+            w, h = rng.uniform(4, 200, 2)
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"],
+                                "category_id": int(rng.integers(1, 12)), "bbox": [*rng.uniform(0, 200, 2), w, h],
+                                "area": w * h, "iscrowd": int(rng.random() < 0.05)})
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 13)]}
+    results = []
+    for ann in annotations:
+        for _ in range(int(rng.integers(0, 3))):
+            x, y, w, h = ann["bbox"]
+            cat = ann["category_id"] if rng.random() < 0.85 else int(rng.integers(1, 11))
+            results.append({"image_id": ann["image_id"], "category_id": min(cat, 10),
+                             "bbox": [x + rng.normal(0, 0.1 * w), y + rng.normal(0, 0.1 * h), w * rng.uniform(0.8, 1.2),
+                                      h * rng.uniform(0.8, 1.2)], "score": round(float(rng.random()), 2)})
+    for _ in range(400):
+        results.append({"image_id": int(rng.integers(1, 151)), "category_id": int(rng.integers(1, 11)),
+                        "bbox": [*rng.uniform(0, 300, 2), *rng.uniform(2, 150, 2)],
+                        "score": round(float(rng.random()), 2)})
+    crowded = annotations[0]
+    results += [{"image_id": crowded["image_id"], "category_id": crowded["category_id"],
+                 "bbox": [*rng.uniform(0, 100, 2), *rng.uniform(10, 100, 2)], "score": round(float(rng.random()), 2)}
+                for _ in range(130)]
+    results += [{"image_id": 5, "category_id": 3, "bbox": [10, 10, 0, 30], "score": 0.5}] * 3
+    order = rng.permutation(len(results))
+    results = [results[i] for i in order]
+    gt_path, results_path = tmp_path / "gt.json", tmp_path / "results.json"
+    gt_path.write_text(json.dumps(gt))
+    results_path.write_text(json.dumps(results))
+    return gt_path, results_path
+
+
+@pytest.mark.parametrize("group_pairs", [50_000, 1])  # one group; one category per group
+def test_synthetic_and_chess_equal_pycocotools(tmp_path, chess, monkeypatch, group_pairs):
+    import detector.evaluation.coco as coco
+
+    monkeypatch.setattr(coco, "GROUP_PAIRS", group_pairs)
+    chess_gt = chess / "valid" / "_annotations.coco.json"  # as exported: annotation ids from 0, parent category
+    chess_results = tmp_path / "chess.json"
+    chess_results.write_text(json.dumps(generated_results(json.loads(chess_gt.read_text()), seed=1)))
+    for gt_path, results_path in [synthetic_case(tmp_path), (chess_gt, chess_results)]:
+        expected = pycocotools_stats(gt_path, results_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # annotation id 0 (chess), zero-width boxes (synthetic)
+            r = evaluate_coco(gt_path, results_path)
+            reference = evaluate_coco(gt_path, results_path, backend="pycocotools")
+        # the bar is 1e-6; the two differ only in the order of float sums (measured: <= 1e-16)
+        np.testing.assert_allclose([r.extra["stats"][k] for k in STAT_NAMES], expected, rtol=0, atol=1e-12)
+        assert 0.05 < r.mAP < 0.95
+        assert r.ap.keys() == reference.ap.keys() and r.ap == pytest.approx(reference.ap, abs=1e-12)
+        assert r.extra["summary"] == reference.extra["summary"]
+        assert r.num_predictions == reference.num_predictions == len(json.loads(results_path.read_text()))
+
+
+def test_results_file_read_in_chunks_equals_json_load(tmp_path):
+    from detector.evaluation.coco_results import read_coco_results
+
+    _, path = synthetic_case(tmp_path)
+    expected = json.loads(path.read_text())
+    # the same results pretty-printed, with keys the evaluator does not read (nested lists and objects)
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps([{**r, "segmentation": [[1, 2, 3]], "meta": {"a": [1, {"b": "]"}]}}
+                                  for r in expected[:300]], indent=2))
+    for source, want, chunk in [(path, expected, 1 << 24), (path, expected, 37), (pretty, expected[:300], 5),
+                                (expected, expected, 1 << 24)]:
+        read = read_coco_results(source, range(1, 13), chunk_chars=chunk)
+        got = read.results
+        assert len(got) == len(want)
+        np.testing.assert_array_equal(got.boxes, [r["bbox"] for r in want])
+        np.testing.assert_array_equal(got.scores, [r["score"] for r in want])
+        np.testing.assert_array_equal(got.image_ids, [r["image_id"] for r in want])
+        np.testing.assert_array_equal(got.category_ids, [r["category_id"] for r in want])
+        assert read.num_empty_boxes == sum(r["bbox"][2] == 0 for r in want)
+    empty = tmp_path / "empty.json"
+    empty.write_text(" [ ]\n")
+    assert len(read_coco_results(empty, [1]).results) == 0
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "not valid JSON \\(line 1: Expecting value\\)"),
+    ('{"image_id": 1}', "expected a COCO results list"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5},\n{"image_id": 1,,}]',
+     "not valid JSON \\(line 2: Expecting property name"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}\n\n{"image_id": 2}]',
+     "not valid JSON \\(line 3: Expecting ',' delimiter\\)"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}', "not valid JSON"),  # cut short
+    ('[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]\n]',
+     "not valid JSON \\(line 2: Extra data\\)"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5},]',
+     "not valid JSON \\(line 1: Expecting value\\)"),
+])
+def test_a_malformed_results_file_is_one_line_with_its_line(tmp_path, text, problem):
+    from detector.evaluation.coco_results import read_coco_results
+
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    for chunk in (1 << 24, 3):
+        with pytest.raises(UserError, match=f"results.json: {problem}") as err:
+            read_coco_results(path, [1], chunk_chars=chunk)
+        assert "\n" not in str(err.value)
+
+
+def test_the_result_file_is_written_as_a_stream(tmp_path):
+    """40,000 results written a part at a time: valid JSON, and the writer's memory is one part's text,
+    not the ~25 MB of a list of dicts and one json.dump (the parts come from a generator, so tracemalloc
+    sees only what the writer holds beside them: ~0.1 MB, whatever the number of parts)."""
+    import tracemalloc
+
+    from detector.evaluation.coco_results import CocoResults, write_coco_result_chunks
+
+    rng = np.random.default_rng(0)
+
+    def parts():
+        for image_id in range(1, 401):
+            yield CocoResults(np.full(100, image_id), rng.integers(1, 201, 100), rng.uniform(0, 500, (100, 4)),
+                              rng.random(100))
+
+    path = tmp_path / "results.json"
+    tracemalloc.start()
+    assert write_coco_result_chunks(path, parts()) == 40_000
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 3e6, peak  # one part: ~12 KB of text, its arrays and lists
+    written = json.loads(path.read_text())
+    assert len(written) == 40_000 and written[-1]["image_id"] == 400
+    assert list(tmp_path.iterdir()) == [path]  # the atomic write left no temporary file
+
+
+def test_write_coco_results_counts_images_outside_the_dataset(tmp_path):
+    """Issue 18: detections of an image that is not in the dataset are never dropped silently: they are
+    not written (a COCO file names only the dataset's images), counted and said in a warning."""
+    from detector.evaluation.result_files import write_result_file
+
+    ds = read_coco(tiny_ground_truth(tmp_path))
+    detections = coco_results_to_detections(PERFECT, ds)
+    detections[99] = (np.array([[0.0, 0, 5, 5], [1, 1, 4, 4]]), np.array([0.9, 0.8]), np.array([1, 2]))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="dropped 2 detections on 1 images that are not in the dataset"):
+        path, count = write_result_file(out, "coco", detections, ds)
+    assert count == 2 and [r["image_id"] for r in json.loads(path.read_text())] == [1, 2]
+    # a detection that cannot be written (non-finite) is an error, and the old file stays as it was
+    before = path.read_text()
+    detections[1] = (np.array([[0.0, 0, np.nan, 5]]), np.array([0.9]), np.array([1]))
+    with pytest.raises(ValueError, match="must be finite"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_result_file(out, "coco", detections, ds)
+    assert path.read_text() == before and sorted(p.name for p in out.iterdir()) == ["coco_results.json"]
