@@ -58,7 +58,9 @@ def test_tiny_run_writes_a_loadable_detector_and_lists_corrupt_images(chess, tmp
     result = run_tool("--train", train, "--val", val, "--out", out, *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     # the corrupt image is skipped, counted and listed, not silently dropped
-    assert "failed: broken.jpg: " in result.stderr and "1 image failed; left out of training" in result.stderr
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]  # on stderr
+    assert len(failed) == 1 and "broken.jpg: cannot read image" in failed[0], result.stderr
+    assert "1 image failed; left out of training" in result.stderr
     assert "broken.jpg" in (out / "skipped_images.txt").read_text()
     for name in ("last.safetensors", "last.json", "best.safetensors", "last.state.pt", "metrics.jsonl",
                  "curves.png"):
@@ -96,7 +98,8 @@ def test_tiny_run_writes_a_loadable_detector_and_lists_corrupt_images(chess, tmp
     # resuming with another configuration is refused with one line
     again = run_tool("--train", train, "--out", out, "--resume", out, *TINY, "--input-size", "64")
     assert again.returncode == 2, again.stderr[-2000:]
-    assert again.stderr.startswith("error: ") and "different configuration" in again.stderr, again.stderr[-2000:]
+    last = again.stderr.splitlines()[-1]  # after the skipped image's lines
+    assert last.startswith("error: ") and "different configuration" in last, again.stderr[-2000:]
     assert "Traceback" not in again.stderr
     # ... and so is resuming with other proposals (it would mix two proposal sources in one run), even
     # with a fresh cache folder that holds nothing to compare
