@@ -23,6 +23,7 @@ precompute rerun then redoes their images).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -146,6 +147,7 @@ class _Index:
         self.with_scores = False
         self._lock = threading.Lock()
         self._open: OrderedDict[int, Part] = OrderedDict()
+        self._last: tuple[int, Part] | None = None  # the part used last, found without the lock
         blob, hashes, counts, self.index_ids = bytearray(), [], [], []
         first = None
         pending, vanished = list(files), False
@@ -176,6 +178,7 @@ class _Index:
             vanished = False
         self.counts = np.array(counts, np.int64)
         self.first = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._first = self.first.tolist()  # one int per part: bisect is faster than numpy for one value
         self.blob = np.frombuffer(bytes(blob), np.uint8)
         del blob
         ends = np.flatnonzero(self.blob == 10) + 1
@@ -205,8 +208,8 @@ class _Index:
 
     def where(self, k: int) -> tuple[int, int]:
         """The part and the row of image ``k``."""
-        p = int(np.searchsorted(self.first, k, side="right")) - 1
-        return p, k - int(self.first[p])
+        p = bisect.bisect_right(self._first, k) - 1
+        return p, k - self._first[p]
 
     def _name_bytes(self, k: int) -> bytes:
         return self.blob[int(self.starts[k]):int(self.starts[k + 1]) - 1].tobytes()
@@ -263,10 +266,14 @@ class _Index:
         """Part ``p``, mapped: from the open ones, or opened (and checked) now, the least recently used
         one dropped (its file is closed once no reader holds it). Raises FileNotFoundError if the file is
         gone and ``LookupError`` if it no longer holds the images it held when the index was made."""
+        last = self._last
+        if last is not None and last[0] == p:  # the most recently used already: nothing to move
+            return last[1]
         with self._lock:
             part = self._open.get(p)
             if part is not None:
                 self._open.move_to_end(p)
+                self._last = (p, part)
                 return part
         part = Part(self.files[p], mapped=True, meta=self.expect if self.expect is not None else self.meta)
         if part.index_id != self.index_ids[p] or part.num_images != self.counts[p]:
@@ -274,6 +281,7 @@ class _Index:
         with self._lock:
             self._open[p] = part
             self._open.move_to_end(p)
+            self._last = (p, part)
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)  # dropped, not closed: a reader in another thread may hold it
         return part
@@ -281,6 +289,7 @@ class _Index:
     def close(self) -> None:
         with self._lock:
             self._open.clear()
+            self._last = None
 
     def part_arrays(self, key: str) -> np.ndarray:
         """Per image ``k`` (every one, dropped ones too): its ``sizes`` rows (``(K, 2)``) or its number of
@@ -322,6 +331,12 @@ class ProposalStore:
             raise UserError(f"{self.path}: no proposal store here; check the path (a folder or a .pstore file)")
         self.max_open_parts = default_max_open_parts() if max_open_parts is None else max(1, int(max_open_parts))
         self._ix = self._build(files)
+
+    def __getstate__(self) -> dict:  # pickled by path: the receiving process opens the store itself
+        return {"path": self.path, "max_open_parts": self.max_open_parts}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["max_open_parts"])
 
     def _build(self, files: list[Path]) -> _Index:
         def mixed(first: Path, other: Path) -> str:
@@ -400,11 +415,11 @@ class ProposalStore:
         key = self._resolve(name)
         return key is not None and key not in self.failures
 
-    def _row(self, name: str) -> tuple[Part, int]:
-        """The mapped part and the row of image ``name`` (a key of this store)."""
+    def _row(self, name: str, known: tuple[_Index, int] | None = None) -> tuple[Part, int]:
+        """The mapped part and the row of image ``name`` (a key of this store; ``known``: the index and
+        the position found already)."""
         for attempt in (0, 1):
-            ix = self._ix
-            k = ix.locate(name)
+            ix, k = known if known is not None and not attempt else (self._ix, self._ix.locate(name))
             if k < 0:
                 raise KeyError(name)
             p, row = ix.where(k)
@@ -415,18 +430,20 @@ class ProposalStore:
                     raise DamagedPart(ix.files[p], "changed while the store was read") from None
                 self._refresh(ix)
                 continue
-            if part.name(row) != name:
+            if part.index_id is None and part.name(row) != name:  # else the index digest vouched for the names
                 raise DamagedPart(part.path, f"row {row} is not {name!r} any more")
             return part, row
         raise AssertionError("unreachable")
 
     def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        key = self._resolve(name)
+        ix = self._ix
+        k = ix.locate(name)  # the name as stored: the one search of the common case
+        key = name if k >= 0 else self._resolve(name)
         if key is None:
             raise KeyError(f"{name}: no proposals in {self.path}")
-        if key in self.failures:
-            raise KeyError(f"{name}: proposals failed in {self.path}: {self.failures[key]}")
-        part, row = self._row(key)
+        if key in ix.failures:
+            raise KeyError(f"{name}: proposals failed in {self.path}: {ix.failures[key]}")
+        part, row = self._row(key, (ix, k) if k >= 0 else None)
         boxes, scores = part.rows(row)  # checked against the image's CRC
         return decode_boxes(boxes, tuple(part.sizes[row])), None if scores is None else scores.astype(np.float32)
 
