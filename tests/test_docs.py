@@ -391,8 +391,8 @@ def setup_proposals(box: Path) -> None:
     (box / "val.txt").write_text((box / "ILSVRC2014_devkit" / "data" / "det_lists" / "val.txt").read_text())
     run_command([sys.executable, str(REPO / "tools" / "precompute_proposals.py"), "val.txt", "--image-root",
                  "ILSVRC2013_DET_val", "--out", "runs/val.store", "--workers", "2"], box)
-    coco128_subset(box / "coco128_8", 8)
-    run_command([sys.executable, str(REPO / "tools" / "precompute_proposals.py"), "coco128_8/images",
+    coco128_subset(box / "coco128_4", 4)
+    run_command([sys.executable, str(REPO / "tools" / "precompute_proposals.py"), "coco128_4/images",
                  "--method", "ss-fast", "--out", "runs/coco.store", "--workers", "1"], box)
 
 
