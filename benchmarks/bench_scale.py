@@ -367,9 +367,12 @@ def run_precompute(data: Path, n: int, args, work: Path) -> dict:
     out = work / f"precompute-{n}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    for f in files[:-1]:
+    tail = 1  # the last parts, enough to hold the sample: their images but the sample's stay done
+    while tail < len(files) and sum(len(ProposalStore(f)) for f in files[-tail:]) < args.sample:
+        tail += 1
+    for f in files[:-tail]:
         os.link(f, out / f.name)
-    last = list(ProposalStore(files[-1]).entries())
+    last = [e for f in files[-tail:] for e in ProposalStore(f).entries()]
     sample = min(args.sample, len(last))
     if len(last) > sample:
         write_part(out / files[-1].name, last[: len(last) - sample], PROPOSAL_META)
