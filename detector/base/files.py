@@ -127,6 +127,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock, name = locked_temporary(target.parent, f".{target.name}.", f".tmp{target.suffix}")
+    if fcntl is None:  # no lock to hold (and an open file could not be renamed there)
+        os.close(lock)
+        lock = None
     tmp = Path(name)
     try:
         yield tmp
@@ -143,7 +146,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             err.filename = str(target)
         raise
     finally:
-        os.close(lock)  # the lock goes with it
+        if lock is not None:
+            os.close(lock)  # the lock goes with it
 
 
 @contextmanager
