@@ -134,8 +134,9 @@ def downscaled(src: Path, dst: Path, longest: int) -> None:
         im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR).save(dst, quality=92)
 
 
-def chess_subset(dst: Path, split: str, count: int) -> Path:
-    """``dst/`` with the first ``count`` photos of chess/``split`` and a COCO JSON of just those."""
+def chess_subset(dst: Path, split: str, count: int, json_path: Path | None = None) -> Path:
+    """``dst/`` with the first ``count`` photos of chess/``split`` and a COCO JSON of just those
+    (``dst/_annotations.coco.json``, or ``json_path`` with file names relative to its folder)."""
     coco = json.loads((DATA / "chess" / split / "_annotations.coco.json").read_text())
     coco["images"] = sorted(coco["images"], key=lambda im: im["id"])[:count]
     keep = {im["id"] for im in coco["images"]}
@@ -143,8 +144,11 @@ def chess_subset(dst: Path, split: str, count: int) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for im in coco["images"]:
         os.symlink(DATA / "chess" / split / im["file_name"], dst / im["file_name"])
-    (dst / "_annotations.coco.json").write_text(json.dumps(coco))
-    return dst / "_annotations.coco.json"
+    json_path = json_path or dst / "_annotations.coco.json"
+    for im in coco["images"]:
+        im["file_name"] = os.path.relpath(dst / im["file_name"], json_path.parent)
+    json_path.write_text(json.dumps(coco))
+    return json_path
 
 
 def coco128_subset(dst: Path, count: int) -> Path:
@@ -353,7 +357,7 @@ def setup_evaluation(box: Path) -> None:
     os.symlink(coco_json, box / "instances.json")
     coco = read_coco(coco_json)
     write_coco_results(box / "results.json", fake_detections(coco), coco)
-    chess_subset(box / "chess_test3", "test", 3)
+    chess_subset(box / "chess_test2", "test", 2)
 
 
 def setup_benchmarking(box: Path) -> None:
@@ -368,7 +372,7 @@ def setup_benchmarking(box: Path) -> None:
     precompute("ILSVRC2014_DET_test", "stores/test_ss", box)
     (box / "VOCdevkit").mkdir()
     bccd_subset(box / "VOCdevkit" / "VOC2007", {"test": 6})
-    chess_subset(box / "chess_test3", "test", 3)
+    chess_subset(box / "chess_test2", "test", 2)
 
 
 def setup_ilsvrc(box: Path) -> None:
@@ -397,10 +401,8 @@ def setup_proposals(box: Path) -> None:
 
 
 def setup_training(box: Path) -> None:
-    (box / "data").mkdir()
     for split, name, count in (("train", "train", 4), ("valid", "val", 2)):
-        chess_subset(box / "data" / name, split, count)
-        os.symlink(f"{name}/_annotations.coco.json", box / "data" / f"{name}.json")
+        chess_subset(box / "data" / name, split, count, box / "data" / f"{name}.json")
 
 
 def setup_train_your_own(box: Path) -> None:
