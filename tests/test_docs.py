@@ -323,8 +323,7 @@ def setup_detector(box: Path) -> None:
     downscaled(photos[0], box / "a.jpg", 640)
     downscaled(photos[1], box / "b.jpg", 640)
     (box / "photos").mkdir()
-    for p in photos[2:4]:
-        downscaled(p, box / "photos" / p.name, 640)
+    downscaled(photos[2], box / "photos" / photos[2].name, 640)
     (box / "shots" / "day1").mkdir(parents=True)
     downscaled(photos[4], box / "shots" / "day1" / "board.jpg", 640)
     vocab = chess_vocab()
