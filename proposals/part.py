@@ -250,6 +250,23 @@ def clean_temporary(folder: str | os.PathLike) -> list[Path]:
     return files.clean_temporary(folder)
 
 
+def read_image(fd: int, path: Path, name: str, count: int, boxes_at: int, scores_at: int = -1,
+               crc: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image's ``count`` uint16 boxes ``(count, 4)`` at byte ``boxes_at`` and float16 scores at
+    ``scores_at`` (-1: none) of the part file open as ``fd`` (``path``), read with ``os.pread`` (no map) and
+    checked against ``crc`` (None: a part of the first format): for a reader of many parts in turn, such
+    as a merge, that took the places from each part's :class:`Part` (``boxes_at``, ``scores_at``,
+    ``offsets``, ``crcs``) and checks that ``fd`` is the same file (``Part.identity``)."""
+    data = os.pread(fd, count * 8, boxes_at)
+    scores = None if scores_at < 0 else os.pread(fd, count * 2, scores_at)
+    if len(data) != count * 8 or (scores is not None and len(scores) != count * 2):
+        raise DamagedPart(path, "truncated while it was read")
+    if crc is not None and zlib.crc32(scores or b"", zlib.crc32(data)) != crc:
+        raise DamagedPart(path, f"checksum mismatch in the proposals of {name!r}")
+    return (np.frombuffer(data, "<u2").reshape(-1, 4).copy(),
+            None if scores is None else np.frombuffer(scores, "<f2").copy())
+
+
 class DamagedPart(UserError):
     """A part file whose content fails a check: ``path`` and ``reason``; the message says what to do."""
 
@@ -286,7 +303,8 @@ class Part:
         self._map = None
         fd = os.open(self.path, os.O_RDONLY)  # every read and the map of the same file, even if it is renamed
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size, self.identity = st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             first = os.pread(fd, min(size, 1 << 16), 0)  # the header and, in a small part, the names index
             head = first[:len(MAGIC) + 8 + 16]
             if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] not in (MAGIC, MAGIC_V1):
@@ -325,6 +343,9 @@ class Part:
             self.sizes, self.offsets = read("sizes"), read("offsets")
             self.crcs = read("crcs") if "crcs" in specs else None
             self.has_scores = "scores" in specs
+            # where the boxes and scores start in the file (for readers that do not map it: see read_image)
+            self.boxes_at = start + specs["boxes"][2]
+            self.scores_at = start + specs["scores"][2] if self.has_scores else -1
             if mapped:
                 self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 for key in ("boxes", "scores"):
@@ -429,13 +450,17 @@ class Part:
         lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
         boxes = np.array(self.boxes[lo:hi])
         scores = None if self.scores is None else np.array(self.scores[lo:hi])
+        self.check_rows(row, boxes, scores)
+        return boxes, scores
+
+    def check_rows(self, row: int, boxes: np.ndarray, scores: np.ndarray | None) -> None:
+        """Refuse image ``row``'s boxes and scores (as read) unless they match its CRC."""
         if self.crcs is not None:
             crc = zlib.crc32(boxes.tobytes())
             if scores is not None:
                 crc = zlib.crc32(scores.tobytes(), crc)
             if crc != int(self.crcs[row]):
                 raise self._damaged(f"checksum mismatch in the proposals of {self.name(row)!r}")
-        return boxes, scores
 
     def entry(self, row: int) -> ImageProposals:
         """Row ``row`` as an :class:`ImageProposals` (uint16 boxes, in memory, checked)."""
