@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from detector.base.errors import UserError
 from detector.base.files import atomic_open
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace, as json.decoder skips it
 CHUNK_CHARS = 16 << 20  # read ~16 MB of text at a time (~200k results)
 OTHER_IMAGE = np.iinfo(np.int64).min  # the image id of a result whose image_id is a string: on no COCO image
 _NUMBER = (int, float)
@@ -194,8 +196,6 @@ def read_coco_results(source: str | os.PathLike | list, category_ids: Iterable[i
 class _Text:
     """A text file read ``chunk_chars`` at a time: ``buf`` holds the unread rest of the last chunks."""
 
-    WHITESPACE = " \t\n\r"
-
     def __init__(self, f, path: Path, chunk_chars: int):
         self.f, self.path, self.chunk_chars = f, path, chunk_chars
         self.buf, self.lines_before, self.eof = "", 0, False
@@ -211,10 +211,8 @@ class _Text:
     def skip(self, pos: int) -> int:
         """The position of the next character that is not whitespace (``len(buf)`` at the end)."""
         while True:
-            buf = self.buf
-            while pos < len(buf) and buf[pos] in self.WHITESPACE:
-                pos += 1
-            if pos < len(buf) or self.eof:
+            pos = _WHITESPACE(self.buf, pos).end()
+            if pos < len(self.buf) or self.eof:
                 return pos
             pos = self.refill(pos)
 
@@ -236,32 +234,37 @@ def _json_list_chunks(path: Path, chunk_chars: int, per_chunk: int = 100_000) ->
             pos = text.skip(text.refill(0))
             if pos >= len(text.buf) or text.buf[pos] != "[":
                 _not_a_list(path)
-            pos, objects, first = pos + 1, [], True
-            while True:
-                pos = text.skip(pos)
-                c = text.buf[pos:pos + 1]
-                if c == "]":
-                    pos += 1
-                    break
-                if not first:
-                    if c != ",":
-                        raise text.error("Expecting ',' delimiter" if c else "Expecting value", pos)
-                    pos = text.skip(pos + 1)
-                if not text.eof and len(text.buf) - pos < 1 << 16:  # a whole result ahead
-                    pos = text.refill(pos)
-                while True:
+            pos, objects = text.skip(pos + 1), []
+            if text.buf[pos:pos + 1] == "]":
+                pos += 1
+            else:
+                while True:  # at the start of a value
+                    if not text.eof and len(text.buf) - pos < 1 << 16:  # a whole result ahead
+                        pos = text.refill(pos)
+                    buf = text.buf
                     try:
-                        obj, pos = decode(text.buf, pos)
-                        break
+                        obj, pos = decode(buf, pos)
                     except json.JSONDecodeError as err:
                         if text.eof:
                             raise text.error(err.msg, err.pos) from None
                         pos = text.refill(pos)  # a result longer than what is left of the chunk
-                objects.append(obj)
-                first = False
-                if len(objects) == per_chunk:
-                    yield objects
-                    objects = []
+                        continue
+                    objects.append(obj)
+                    if len(objects) == per_chunk:
+                        yield objects
+                        objects = []
+                    pos = _WHITESPACE(buf, pos).end()
+                    if pos == len(buf):
+                        pos = text.skip(pos)
+                    c = text.buf[pos:pos + 1]
+                    if c == "]":
+                        pos += 1
+                        break
+                    if c != ",":
+                        raise text.error("Expecting ',' delimiter", pos)
+                    pos = _WHITESPACE(text.buf, pos + 1).end()
+                    if pos == len(text.buf):
+                        pos = text.skip(pos)
             if objects:
                 yield objects
             pos = text.skip(pos)
