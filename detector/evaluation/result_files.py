@@ -4,6 +4,8 @@
 format), ``coco_results.json`` (:func:`~detector.evaluation.coco.write_coco_results`) and
 ``voc_detections.txt`` (:func:`~detector.evaluation.voc.write_voc_detections`); each reads detections as
 image id -> ``(boxes float32 (N, 4) project xyxy, scores (N,), labels (N,) 1..C of the dataset)``.
+The COCO file is written as a stream (one image at a time, one result a line: no list of every result in
+memory) and detections of images outside the dataset are counted in a warning, never dropped silently.
 """
 
 from __future__ import annotations
