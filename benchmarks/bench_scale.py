@@ -738,6 +738,9 @@ def parse_args(argv):
     p.add_argument("--pool", type=int, default=256, help="distinct JPEGs behind the N names (default 256)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per measured process (default 900)")
     p.add_argument("--json", help="write every row and the extrapolation as JSON here")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: print the table and the "
+                   "extrapolation of the rows of these --json files (runs of different components), later "
+                   "files' rows replacing earlier ones'")
     p.add_argument("--child", choices=COMPONENTS, help=argparse.SUPPRESS)
     p.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -777,10 +780,39 @@ def prepare(args) -> Path:
     return data
 
 
+def print_fits(fits: list[dict]) -> None:
+    if fits:
+        print(f"\nextrapolated to {ILSVRC_TRAIN:,} images: a least-squares line through the measured N "
+              "(peak RSS and ms/img against N), read at 480k")
+        print(f"{'component':<15}{'main MB (MB/1k img)':>24}{'worker MB (MB/1k img)':>24}{'ms/img':>10}{'hours':>9}")
+        for f in fits:
+            print(fit_text(f))
+
+
+def merge(args) -> int:
+    """The table and the extrapolation of rows measured by several runs (``--merge``)."""
+    rows: dict[tuple[str, int], dict] = {}
+    for path in args.merge:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            rows[r["component"], r["n"]] = r
+    ordered = sorted(rows.values(), key=lambda r: (COMPONENTS.index(r["component"]), r["n"]))
+    print(HEADER)
+    for r in ordered:
+        print(row_text(r))
+    fits = extrapolate(ordered)
+    print_fits(fits)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"merged": args.merge, "rows": ordered, "extrapolation": fits},
+                                              indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child(args)
+    if args.merge:
+        return merge(args)
     started = time.perf_counter()
     data = prepare(args)
     from detector.base.jobs import default_workers
@@ -809,12 +841,7 @@ def main(argv=None) -> int:
             print(row_text(rows[-1]), flush=True)
             save()
     fits = extrapolate(rows)
-    if fits:
-        print(f"\nextrapolated to {ILSVRC_TRAIN:,} images: a least-squares line through the measured N "
-              "(peak RSS and ms/img against N), read at 480k")
-        print(f"{'component':<15}{'main MB (MB/1k img)':>24}{'worker MB (MB/1k img)':>24}{'ms/img':>10}{'hours':>9}")
-        for f in fits:
-            print(fit_text(f))
+    print_fits(fits)
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
     save(fits)
     return 0 if all("error" not in r for r in rows) else 1
