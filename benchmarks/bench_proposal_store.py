@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ import numpy as np
 
 from detector.base.cli import run_tool
 from proposals.precompute import PrecomputeConfig, list_folder, precompute
-from proposals.store import ImageProposals, ProposalStore, verify, write_part
+from proposals.store import ImageProposals, ProposalStore, compact, part_files, verify, write_part
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128" / "images"
 
@@ -55,6 +56,7 @@ def parse_args(argv):
     p.add_argument("--nofile", type=int, default=256, help="RLIMIT_NOFILE the many-part stores open under (default 256)")
     p.add_argument("--keep", help="keep the many-part stores in this folder (reused when there)")
     p.add_argument("--skip-parts", action="store_true", help="no many-part stores")
+    p.add_argument("--no-compact", action="store_true", help="many-part stores: do not time their compaction")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: measure this store
     p.add_argument("--skip-store", action="store_true", help="only the scaling run")
     p.add_argument("--skip-scaling", action="store_true", help="only the store figures")
@@ -154,10 +156,23 @@ def measure_many_parts(folder: str) -> dict:
     assert report.images == len(store) and not report.damaged, report
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's, imports too
     out["base_rss_mb"] = rss
+    del store, ix, hot
+    if os.environ.get("BENCH_COMPACT") == "1":  # on a copy made of hard links: the store is kept
+        copy = Path(folder).with_name(Path(folder).name + "-compacting")
+        shutil.rmtree(copy, ignore_errors=True)
+        copy.mkdir()
+        for f in Path(folder).iterdir():
+            os.link(f, copy / f.name)
+        start, cpu = time.perf_counter(), time.process_time()
+        compact(copy)
+        out["compact_s"], out["compact_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+        out["compact_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        assert len(part_files(copy)) == 1
+        shutil.rmtree(copy)
     return out
 
 
-def many_part_figures(sizes: list[int], num_boxes: int, nofile: int, folder: Path) -> list[dict]:
+def many_part_figures(sizes: list[int], num_boxes: int, nofile: int, folder: Path, compact_too: bool) -> list[dict]:
     rows = []
     for n in sizes:
         start = time.perf_counter()
@@ -167,7 +182,8 @@ def many_part_figures(sizes: list[int], num_boxes: int, nofile: int, folder: Pat
         def limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-        result = subprocess.run([sys.executable, __file__, "--measure", str(store)], preexec_fn=limit,
+        env = dict(os.environ, BENCH_COMPACT="1" if compact_too else "0")
+        result = subprocess.run([sys.executable, __file__, "--measure", str(store)], preexec_fn=limit, env=env,
                                 capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"measuring {store} failed:\n{result.stderr}")
@@ -236,7 +252,7 @@ def main(argv=None) -> int:
         if not args.skip_parts:
             sizes = [int(v) for v in args.part_stores.split(",") if v]
             figures["parts"] = many_part_figures(sizes, args.part_boxes, args.nofile,
-                                                 Path(args.keep) if args.keep else tmp)
+                                                 Path(args.keep) if args.keep else tmp, not args.no_compact)
         if not args.skip_scaling:
             # Warm the compiled code once so neither run pays for loading it.
             precompute(list_folder(args.image_folder)[:1], tmp / "warm", PrecomputeConfig(), progress=False)
@@ -260,6 +276,10 @@ def main(argv=None) -> int:
                   f"{r['files_after_open']:>7}{r['max_open_parts']:>9}{r['files_after_lookups']:>12}"
                   f"{r['lookup_hot_ms']:>8.3f}{r['lookup_random_ms']:>10.3f}{r['verify_s']:>9.1f}"
                   f"{r['peak_rss_mb'] - r['base_rss_mb']:>9.0f}")
+        for r in figures["parts"]:
+            if "compact_s" in r:
+                print(f"compaction of {r['images']} images in {r['parts']} parts (same limit): {r['compact_s']:.1f} s "
+                      f"({r['compact_cpu_s']:.1f} s CPU), peak RSS +{r['compact_peak_rss_mb'] - r['base_rss_mb']:.0f} MB")
     if "scaling" in figures:
         s = figures["scaling"]
         print(f"{'workers':>8}{'images':>8}{'seconds':>9}{'img/s':>8}{'cores used':>12}")

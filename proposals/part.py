@@ -388,6 +388,11 @@ class Part:
             return self._names
         return self._blob.decode("utf-8", "surrogateescape").split("\n") if self._blob else []
 
+    @property
+    def names_blob(self) -> bytes:
+        """The names as stored: UTF-8 (or the file names' bytes), joined by newlines."""
+        return self._blob
+
     def name(self, row: int) -> str:
         """Image ``row``'s name."""
         return self._blob[self._starts[row]:self._starts[row + 1] - 1].decode("utf-8", "surrogateescape")

@@ -166,7 +166,7 @@ class _Index:
                 self.files.append(f)
                 names = part.names
                 if names:
-                    blob += part._blob
+                    blob += part.names_blob
                     blob += b"\n"
                 hashes.append(np.fromiter(map(hash, names), np.int64, len(names)))
                 counts.append(len(names))
@@ -292,18 +292,16 @@ class _Index:
             self._open.clear()
             self._last = None
 
-    def part_arrays(self, key: str) -> np.ndarray:
-        """Per image ``k`` (every one, dropped ones too): its ``sizes`` rows (``(K, 2)``) or its number of
-        boxes (``"counts"``, ``(K,)``), read from each part in turn (one file open at a time)."""
+    def box_counts(self) -> np.ndarray:
+        """Per image ``k`` (every one, dropped ones too): its number of boxes, read from each part in turn
+        (one file open at a time)."""
         out = []
         for p, f in enumerate(self.files):
             part = Part(f, mapped=False, meta=self.expect)
             if part.index_id != self.index_ids[p] or part.num_images != self.counts[p]:
                 raise LookupError(f)
-            out.append(part.sizes if key == "sizes" else np.diff(part.offsets))
-        if not out:
-            return np.zeros((0, 2) if key == "sizes" else (0,), np.int64)
-        return np.concatenate(out)
+            out.append(np.diff(part.offsets))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 class ProposalStore:
@@ -459,7 +457,7 @@ class ProposalStore:
     def num_boxes(self) -> int:
         """Total boxes over all images (overlapping parts counted once); reads every part's index."""
         ix = self._ix
-        return int(ix.part_arrays("counts")[ix.alive].sum())
+        return int(ix.box_counts()[ix.alive].sum())
 
     def entries(self) -> Iterator[ImageProposals]:
         """Every image (successes and failures) once, sorted by name."""
