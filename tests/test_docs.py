@@ -515,3 +515,19 @@ def test_block_runs(block, sandbox_for):
             pytest.fail(box.results[block.line])
         return
     execute(block, box)
+
+
+def test_detector_json_example_has_the_tool_schema():
+    """DETECTOR.md's JSON Lines example has the keys gdet-detect writes (top level, detection, timings)."""
+    from detector.apps.detect import json_record
+    from detector.detections import Detections
+
+    (example,) = [b for b in BLOCKS if b.doc == "docs/DETECTOR.md" and b.lang == "json"]
+    doc = json.loads(example.code)
+    dets = Detections(boxes=np.array([[1, 2, 3, 4]], np.float32), scores=np.array([0.9], np.float32),
+                      labels=np.array([1]), class_names=("king",), class_ids=np.array([12]), image_size=(10, 20),
+                      timings={"proposals": 0.1, "classify": 0.2, "total": 0.3})
+    tool = json_record("a.jpg", dets)
+    assert doc.keys() == tool.keys()
+    assert doc["detections"][0].keys() == tool["detections"][0].keys()
+    assert doc["timings_s"].keys() == tool["timings_s"].keys()
