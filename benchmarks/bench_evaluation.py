@@ -339,7 +339,8 @@ def bench_coco(sizes: list[int], alone: list[int]) -> list[dict]:
                 row["memory_ratio"] = new["peak_rss_mb"] / ref["peak_rss_mb"]
             rows.append(row)
             results_path.unlink()
-            print(format_coco_row(row), file=sys.stderr, flush=True)
+            print(format_coco_row(row), file=sys.stderr)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # each row as it comes: a long run keeps its rows
     return rows
 
 
