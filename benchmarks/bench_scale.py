@@ -284,12 +284,15 @@ def detection_parts(data: Path, n: int, per_image: int, chunk_size: int) -> Path
 # -- measuring inside a child process ----------------------------------------------------------------------------
 
 def memory_mb() -> dict:
-    """This process's resident set now and its peak (``VmRSS``, ``VmHWM`` of ``/proc/self/status``), MB."""
+    """This process's resident set now and its peak (``VmRSS``, ``VmHWM`` of ``/proc/self/status``) and the
+    anonymous part of the resident set now (``RssAnon``: not file pages such as a mapped proposal store's,
+    which the kernel drops and processes share), MB."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line[2:5].lower()] = int(line.split()[1]) / 1024
+            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:")):
+                key = {"VmRSS:": "rss", "VmHWM:": "hwm", "RssAnon:": "anon"}[line.split()[0]]
+                out[key] = int(line.split()[1]) / 1024
     return out
 
 
@@ -299,16 +302,17 @@ def open_files() -> int:
 
 
 class FdPeak(threading.Thread):
-    """The most file descriptors this process held, sampled every 20 ms."""
+    """The most file descriptors this process held, and its largest anonymous RSS, sampled every 20 ms."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self._stop_event = open_files(), threading.Event()
+        self.peak, self.anon, self._stop_event = open_files(), memory_mb()["anon"], threading.Event()
         self.start()
 
     def run(self):
         while not self._stop_event.wait(0.02):
             self.peak = max(self.peak, open_files())
+            self.anon = max(self.anon, memory_mb()["anon"])
 
     def stop(self) -> int:
         self._stop_event.set()
@@ -327,7 +331,8 @@ class Measured:
 
         out = self.source.batch(iteration)
         mem = memory_mb()
-        out["worker_stats"] = torch.tensor([os.getpid(), mem["rss"], mem["hwm"], open_files()], dtype=torch.float64)
+        out["worker_stats"] = torch.tensor([os.getpid(), mem["rss"], mem["hwm"], open_files(), mem["anon"]],
+                                           dtype=torch.float64)
         return out
 
 
@@ -341,9 +346,9 @@ def load_all(source, iterations: int, workers: int) -> dict:
     for batch in _batches(Measured(source), 0, iterations, workers):
         if first is None:
             first = time.perf_counter() - start
-        pid, rss, hwm, fds = batch.pop("worker_stats").tolist()
-        w = seen.setdefault(int(pid), {"first_rss_mb": rss, "batches": 0})
-        w.update(rss_mb=rss, peak_rss_mb=hwm, open_files=int(fds))
+        pid, rss, hwm, fds, anon = batch.pop("worker_stats").tolist()
+        w = seen.setdefault(int(pid), {"first_rss_mb": rss, "first_anon_mb": anon, "batches": 0, "peak_anon_mb": 0})
+        w.update(rss_mb=rss, peak_rss_mb=hwm, open_files=int(fds), anon_mb=anon, peak_anon_mb=max(w["peak_anon_mb"], anon))
         w["batches"] += 1
         del batch
     return {"seconds": time.perf_counter() - start, "first_batch_s": first, "workers": list(seen.values())}
@@ -617,17 +622,19 @@ def child(args) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     n = args.child_n
-    figures |= {"component": args.child, "n": n, "peak_rss_mb": memory_mb()["hwm"],
-                "ready_rss_mb": base["rss"], "open_files_peak": fds.stop(), "nofile_limit": limit}
+    figures |= {"component": args.child, "n": n, "peak_rss_mb": memory_mb()["hwm"], "ready_rss_mb": base["rss"],
+                "open_files_peak": fds.stop(), "peak_anon_mb": fds.anon, "nofile_limit": limit}
     figures["seconds_per_image"] = figures["seconds"] / max(1, figures["images"])
     # the whole N's time: sampled rows scale their sample (plus precompute's verify and compaction at N)
     figures["seconds_at_n"] = (figures["seconds_per_image"] * n + figures.get("overhead_s", 0.0)
                                if figures["images"] != n else figures["seconds"])
     workers = figures.get("workers", [])
     figures["worker_peak_rss_mb"] = max((w["peak_rss_mb"] for w in workers), default=None)
+    figures["worker_peak_anon_mb"] = max((w["peak_anon_mb"] for w in workers if "peak_anon_mb" in w), default=None)
     if "first_rss_mb" in (workers[0] if workers else {}):
         figures["notes"] += (f"; worker RSS after its first batch {max(w['first_rss_mb'] for w in workers):.0f} MB"
-                             f", open files {max(w['open_files'] for w in workers)}")
+                             f", anonymous {max(w['first_anon_mb'] for w in workers):.0f} MB then at most "
+                             f"{figures['worker_peak_anon_mb']:.0f} MB; open files {max(w['open_files'] for w in workers)}")
     Path(args.child_out).write_text(json.dumps(figures))
     return 0
 
@@ -665,21 +672,22 @@ def _mb(value) -> str:
 def row_text(r: dict) -> str:
     if "error" in r:
         return f"{r['component']:<15}{r['n']:>9,}  failed: {r['error']}"
-    return (f"{r['component']:<15}{r['n']:>9,}{r['seconds_per_image'] * 1e3:>10.2f}{_mb(r['peak_rss_mb']):>10}"
-            f"{_mb(r['worker_peak_rss_mb']):>10}{r['open_files_peak']:>7}  ready {r['ready_rss_mb']:.0f} MB; "
-            f"{r.get('notes', '')}")
+    return (f"{r['component']:<15}{r['n']:>9,}{r['seconds_per_image'] * 1e3:>10.2f}{_mb(r['peak_rss_mb']):>8}"
+            f"{_mb(r.get('peak_anon_mb')):>7}{_mb(r['worker_peak_rss_mb']):>8}{_mb(r.get('worker_peak_anon_mb')):>7}"
+            f"{r['open_files_peak']:>6}  ready {r['ready_rss_mb']:.0f} MB; {r.get('notes', '')}")
 
 
-HEADER = f"{'component':<15}{'N':>9}{'ms/img':>10}{'main MB':>10}{'worker MB':>10}{'fds':>7}  notes"
+HEADER = (f"{'':<34}{'main MB':>15}{'worker MB':>15}\n"
+          f"{'component':<15}{'N':>9}{'ms/img':>10}{'RSS':>8}{'anon':>7}{'RSS':>8}{'anon':>7}{'fds':>6}  notes")
 
 
-FITTED = ("peak_rss_mb", "worker_peak_rss_mb", "seconds_at_n", "pickled_mb", "first_batch_s")
+FITTED = ("peak_rss_mb", "worker_peak_rss_mb", "peak_anon_mb", "worker_peak_anon_mb", "seconds_at_n", "pickled_mb")
 
 
 def extrapolate(rows: list[dict], target: int = ILSVRC_TRAIN) -> list[dict]:
-    """Per component, least-squares lines against N of the peak RSS (main process, worst worker), of the
-    whole N's seconds (the slope is the time per image) and of the training source's pickled size and
-    first batch, read at ``target``."""
+    """Per component, least-squares lines against N of the peak RSS and anonymous RSS (main process, worst
+    worker), of the whole N's seconds (the slope is the time per image) and of the training source's
+    pickled size, read at ``target``."""
     out = []
     for comp in dict.fromkeys(r["component"] for r in rows):
         good = [r for r in rows if r["component"] == comp and "error" not in r]
@@ -698,15 +706,15 @@ def extrapolate(rows: list[dict], target: int = ILSVRC_TRAIN) -> list[dict]:
 
 
 def fit_text(f: dict) -> str:
-    def mb(key):
+    def mb(key, width=10):
         if key not in f:
-            return f"{'-':>24}"
-        return f"{_mb(f[key]):>10} ({f[key + '_per_image'] * 1e3:+7.1f}/1k)"
+            return f"{'-':>{width + 14}}"
+        return f"{_mb(f[key]):>{width}} ({f[key + '_per_image'] * 1e3:+7.1f}/1k)"
 
     extra = f"  pickled source {f['pickled_mb']:.0f} MB" if "pickled_mb" in f else ""
-    extra += f", first batch {f['first_batch_s']:.1f} s" if "first_batch_s" in f else ""
-    return (f"{f['component']:<15}{mb('peak_rss_mb')}{mb('worker_peak_rss_mb')}"
-            f"{f['seconds_at_n_per_image'] * 1e3:>10.2f}{f['seconds_at_n'] / 3600:>9.2f}{extra}")
+    return (f"{f['component']:<15}{mb('peak_rss_mb')}{mb('peak_anon_mb', 8)}{mb('worker_peak_rss_mb')}"
+            f"{mb('worker_peak_anon_mb', 8)}{f['seconds_at_n_per_image'] * 1e3:>10.2f}{f['seconds_at_n'] / 3600:>9.2f}"
+            f"{extra}")
 
 
 def parse_args(argv):
@@ -784,7 +792,8 @@ def print_fits(fits: list[dict]) -> None:
     if fits:
         print(f"\nextrapolated to {ILSVRC_TRAIN:,} images: a least-squares line through the measured N "
               "(peak RSS and ms/img against N), read at 480k")
-        print(f"{'component':<15}{'main MB (MB/1k img)':>24}{'worker MB (MB/1k img)':>24}{'ms/img':>10}{'hours':>9}")
+        print(f"{'':<15}{'main: RSS MB':>24}{'anon MB':>22}{'worker: RSS MB':>24}{'anon MB':>22}\n"
+              f"{'component':<15}{'(slope per 1k images)':>24}{'':>22}{'':>24}{'':>22}{'ms/img':>10}{'hours':>9}")
         for f in fits:
             print(fit_text(f))
 
