@@ -154,6 +154,7 @@ def ilsvrc_run(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.numeric
 def test_ilsvrc_submission_scores_as_the_detections_in_memory(data, ilsvrc_run, capsys):
     out = ilsvrc_run
     dataset = ilsvrc_dataset(data)
@@ -166,7 +167,10 @@ def test_ilsvrc_submission_scores_as_the_detections_in_memory(data, ilsvrc_run, 
     from_file = evaluate_ilsvrc(dataset, out / "ilsvrc_submission.txt")
     direct = evaluate_ilsvrc(dataset, in_memory.detections)
     assert from_file.ap == direct.ap and from_file.mAP == direct.mAP
-    assert 0.05 < direct.mAP < 1.0  # some detections match (a real test of the equality), not all
+    # some detections match (a real test of the equality), not all: strictly between 0 and 1, no figure
+    # (0.116 measured with AVX-512, AVX2 and SSE kernels; random weights rank the boxes, so a machine
+    # whose kernels break a near-tie differently may give another value)
+    assert 0 < direct.mAP < 1.0
     assert json.loads((out / "evaluation.json").read_text())["mAP"] == direct.mAP
     # The equality is sensitive: the same detections written one pixel off (xmin, ymin without the +1
     # of the 1-based conversion) score differently.
@@ -193,6 +197,7 @@ def test_ilsvrc_test_list_without_annotations_is_detection_only(data, ilsvrc_run
     assert json.loads((tmp_path / "run_summary.json").read_text())["unreadable"] == 1
 
 
+@pytest.mark.numeric
 def test_tool_detections_are_the_detectors_own(data, ilsvrc_run):
     """The parts hold what Detector returns for each image on its own (labels mapped to the dataset's)."""
     from proposals import ProposalStore
@@ -210,6 +215,7 @@ def test_tool_detections_are_the_detectors_own(data, ilsvrc_run):
         np.testing.assert_array_equal(labels, np.asarray(DET_IDS)[expected.labels - 1])
 
 
+@pytest.mark.numeric
 def test_coco_results_score_as_pycocotools_on_the_detections(data, chess, tmp_path, capsys):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -226,7 +232,9 @@ def test_coco_results_score_as_pycocotools_on_the_detections(data, chess, tmp_pa
     evaluator.summarize()
     # faster-coco-eval's sums may round differently from numpy's (~1e-16); any real difference is >= 1e-4
     np.testing.assert_allclose(evaluator.stats, list(direct.extra["stats"].values()), rtol=0, atol=1e-12)
-    assert direct.mAP > 0.01
+    # some detections match: 0.011 measured (AVX-512, AVX2, SSE), too close to any fixed bound for random
+    # weights, whose ranking a near-tie may change; the 12 stats above are the real comparison
+    assert direct.mAP > 0
     assert json.loads((tmp_path / "evaluation.json").read_text())["mAP"] == direct.mAP
     results = json.loads((tmp_path / "coco_results.json").read_text())
     assert {r["image_id"] for r in results} == {rec.image_id for rec in dataset.records}

@@ -51,6 +51,7 @@ def test_round_trip(saved):
     assert meta["proposals"] == {"method": "ss-fast", "options": {}, "max_proposals": 500}
 
 
+@pytest.mark.numeric
 def test_built_classifier_gives_the_same_outputs(saved):
     path, model, _ = saved
     rebuilt, config = build_classifier_from_checkpoint(path)

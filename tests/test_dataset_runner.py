@@ -75,6 +75,7 @@ def make_detector(models, proposals, batch_size=16):
                                     proposals=proposals)
 
 
+@pytest.mark.numeric
 def test_batches_across_images_give_the_per_image_detections(scene):
     dataset, proposals, models = scene
     detector = make_detector(models, proposals)  # an ensemble of two input sizes, batches of 16

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from detector.training.losses import LossConfig, class_specific_deltas, detection_loss
+
+pytestmark = pytest.mark.numeric  # the detection loss compared with hand-computed values (select with -m numeric)
 
 
 def test_cross_entropy_by_hand():

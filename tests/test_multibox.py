@@ -24,6 +24,8 @@ from proposals.multibox import (
     save_multibox,
 )
 
+pytestmark = pytest.mark.numeric  # the MultiBox loss, network and decoding compared with hand-computed values (select with -m numeric)
+
 LOG2 = math.log(2.0)
 
 

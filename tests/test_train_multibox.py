@@ -163,6 +163,7 @@ def _confidence_gap(model: MultiBox, images: ResizedImages) -> float:
     return float(np.mean(gaps))
 
 
+@pytest.mark.numeric
 def test_tool_trains_exports_and_refuses_bad_input(chess, tmp_path):
     annotations = _subset_json(chess, tmp_path, 3)
     cmd = [sys.executable, str(ROOT / "tools" / "train_multibox.py"), "--annotations", str(annotations),

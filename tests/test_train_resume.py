@@ -16,6 +16,8 @@ from detector.training.engine import EngineConfig, train
 from detector.training.schedule import ScheduleConfig
 from detector.training.state import load_train_state, state_digest
 
+pytestmark = pytest.mark.numeric  # trains: a resumed run's losses and weights compared with the uninterrupted run's (select with -m numeric)
+
 
 class TinyNet(nn.Module):
     """A small classifier with dropout, so the torch random stream matters."""

@@ -16,6 +16,8 @@ from detector.warp import (
     warp_regions,
 )
 
+pytestmark = pytest.mark.numeric  # warped crops compared with references by a fraction of a grey level (select with -m numeric)
+
 
 @pytest.fixture(scope="module")
 def photo(chess):
