@@ -193,7 +193,7 @@ def worker_memory(dataset: Dataset, store: Path, images_per_worker: int, workers
     sampler = SamplerConfig(regions_per_batch=32, images_per_batch=16)
     config = config or RegionDataConfig(input_size=32)  # default caches; small crops: the data, not the warp
     source = ProbedSource(RegionBatchSource(dataset, StoreProposals(store), sampler, config))
-    iterations = workers * images_per_worker // sampler.images_per_batch
+    iterations = workers * -(-images_per_worker // sampler.images_per_batch)
     probes: dict[int, list[dict]] = {}
     for probe in _batches(source, 0, iterations, workers):
         probes.setdefault(probe["pid"], []).append(probe)
@@ -420,3 +420,27 @@ def test_a_damaged_store_image_in_a_worker_is_one_line(tmp_path):
     with pytest.raises(DamagedPart) as err:
         list(_batches(source, 0, 2, 1))
     assert "\n" not in str(err.value) and str(part) in str(err.value)
+
+
+def test_train_detector_with_workers_on_a_damaged_store_is_one_line(chess, tmp_path):
+    # the case, end to end: gdet-train --proposal-store on a store with one damaged image, its
+    # data loaded by a spawned worker (--workers 1): "error: <part>: damaged proposal store part (...)" as
+    # the whole of stderr and exit code 2, as with --workers 0
+    import subprocess
+    import sys
+
+    from test_train_tool import TINY, TOOL, subset_json
+
+    train = subset_json(chess, "valid", 2, tmp_path / "train")
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    subprocess.run([sys.executable, str(tools / "precompute_proposals.py"), str(tmp_path / "train"), "--out",
+                    str(tmp_path / "store"), "--max-side", "96", "--no-progress"], check=True, capture_output=True)
+    part = sorted((tmp_path / "store").glob("*.pstore"))[0]
+    data = bytearray(part.read_bytes())
+    data[array_start(bytes(data), "boxes") + 9] ^= 0x10
+    part.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, str(TOOL), "--train", str(train), "--out", str(tmp_path / "run"), *TINY,
+                             "--proposal-store", str(tmp_path / "store"), "--workers", "1", "--from-scratch"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {part}: damaged proposal store part")

@@ -94,8 +94,8 @@ def parse_args(argv):
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_argument(run)
     run.add_argument("--workers", type=non_negative_int, default=None,
-                        help="data-loading processes, spawned (default: the usable cores but one; 0: load in "
-                             "the training process)")
+                        help="data-loading processes, spawned (default: the usable cores, divided among "
+                             "torchrun's processes on this machine, but one; 0: load in the training process)")
     run.add_argument("--export", help="write the best (else last) model here as NAME.safetensors + NAME.json")
     run.add_argument("--half", action="store_true", help="with --export: store the weights as float16")
     run.add_argument("--no-progress", action="store_true")

@@ -14,7 +14,7 @@ Memory does not grow with the dataset (issue 17): an image is decoded when it is
 proposals are read from the store then (a lookup is ~0.03 ms); each process keeps at most
 ``image_cache_mb`` of decoded images and ``proposal_cache_mb`` of proposals (:class:`ByteCache`, off
 when the dataset would not fit: every ILSVRC-size set). Spawned data-loading workers receive the source
-with its records packed into arrays (:class:`PackedDataset`: 480,000 records in ~50 MB, unpickled in a
+with its records packed into arrays (:class:`PackedDataset`: 480,000 records in ~65 MB, unpickled in a
 fraction of a second) and open the proposal store themselves, by its path.
 """
 
