@@ -72,15 +72,19 @@ def _never_fail_printing() -> None:
                 pass
 
 
-def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, *,
+             print_errors: bool = True) -> int:
     """Run a tool's ``main``: a :class:`UserError` becomes ``error: ...`` on stderr and its exit code (2
     unless it says otherwise); an :class:`OSError` in :data:`OS_ERROR_ADVICE` becomes one line naming the
-    file, exit code 2 (as a UserError); other exceptions are bugs and keep their traceback."""
+    file, exit code 2 (as a UserError); other exceptions are bugs and keep their traceback.
+    print_errors: False in all but one of several processes (ranks > 0), so that a line is printed once;
+    the exit code is the same."""
     _never_fail_printing()
     try:
         code = main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if print_errors:
+            print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -89,6 +93,7 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         line = os_error_line(err)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        if print_errors:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     return int(code or 0)

@@ -13,6 +13,7 @@ schedule).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from detector.data import open_dataset
 from detector.data.records import Dataset, ImageRecord
 from detector.postprocess import PostprocessConfig
 from detector.proposal_source import ProposalSettings, source_proposals
+from detector.training.bounded import IMAGE_CACHE_MB
 from detector.training.data import RegionBatchSource, RegionDataConfig, check_images
 from detector.training.distributed import DistContext, barrier
 from detector.training.engine import EngineConfig, TrainResult, train
@@ -80,6 +82,7 @@ class DetectorTrainConfig:
     init_checkpoint: str | None = None
     verify_images: bool = False
     resume: str | None = None
+    image_cache_mb: float = IMAGE_CACHE_MB  # decoded images each process keeps (training.data, validation)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,21 +234,44 @@ def model_config(config: DetectorTrainConfig, vocab, box_coder: BoxCoder) -> dic
         postprocess=config.postprocess, box_weights=box_coder.weights, training=training)
 
 
-def load_init_checkpoint(model: RegionClassifier, path: str | Path) -> None:
-    """Start from a detector checkpoint of the same architecture and classes (e.g. to continue with a new
-    schedule, or at another crop size: the trunk ends in global average pooling, so weights learned at
-    64 px are a valid start at 96 px)."""
-    state, _ = load_checkpoint(path)
+def load_init_checkpoint(model: RegionClassifier, path: str | Path, class_names: tuple[str, ...] | None = None
+                         ) -> str:
+    """Start ``model`` from a detector checkpoint; returns the one line that says what was loaded.
+
+    The same classes (``class_names`` equal to the checkpoint's, or ``None``): every tensor is loaded (to
+    continue with a new schedule, or at another crop size: the trunk ends in global average pooling, so
+    weights learned at 64 px are a valid start at 96 px). Other classes (transfer across vocabularies):
+    every tensor whose name and shape fit is loaded (the trunk), and the class-specific layers (the class
+    and box heads, the auxiliary classifiers' last layers) keep their new initialization.
+    """
+    state, config = load_checkpoint(path)
+    source_names = tuple(config.get("classes", {}).get("names", ()))
     wanted = model.state_dict()
-    differ = [k for k, v in wanted.items() if k in state and state[k].shape != v.shape]
-    if differ:
-        raise UserError(f"--init-checkpoint '{path}': {len(differ)} tensors have other shapes than this run's "
-                        f"(e.g. {differ[0]}: other classes?); use a checkpoint of the same model")
-    missing = [k for k in wanted if k not in state and not k.startswith(("trunk.aux1.", "trunk.aux2."))]
+    aux = ("trunk.aux1.", "trunk.aux2.")
+    if class_names is None or source_names == tuple(class_names):
+        differ = [k for k, v in wanted.items() if k in state and state[k].shape != v.shape]
+        if differ:
+            raise UserError(f"--init-checkpoint '{path}': {len(differ)} tensors have other shapes than this run's "
+                            f"(e.g. {differ[0]}); use a checkpoint of the same architecture")
+        missing = [k for k in wanted if k not in state and not k.startswith(aux)]
+        if missing:
+            raise UserError(f"--init-checkpoint '{path}': {len(missing)} tensors missing (e.g. {missing[0]}); use "
+                            "a checkpoint written by this tool")
+        model.load_state_dict({k: state.get(k, v).to(v.dtype) for k, v in wanted.items()})
+        return f"initialized the model from {path} (same {len(source_names) or '?'} classes, every layer)"
+    fits = {k: state[k].to(v.dtype) for k, v in wanted.items() if k in state and state[k].shape == v.shape
+            and not k.startswith(("cls_score.", "bbox_pred."))}
+    trunk = [k for k in wanted if k.startswith("trunk.") and not k.startswith(aux)]
+    missing = [k for k in trunk if k not in fits]
     if missing:
-        raise UserError(f"--init-checkpoint '{path}': {len(missing)} tensors missing (e.g. {missing[0]}); use a "
-                        "checkpoint written by this tool")
-    model.load_state_dict({k: state.get(k, v).to(v.dtype) for k, v in wanted.items()})
+        raise UserError(f"--init-checkpoint '{path}': its trunk does not fit this run's ({len(missing)} tensors "
+                        f"missing or of another shape, e.g. {missing[0]}); use a checkpoint written by this tool")
+    model.load_state_dict(fits, strict=False)
+    new = sorted({k.rsplit(".", 1)[0] for k in wanted if k not in fits})
+    heads = [n for n in new if not n.startswith(aux)]
+    aux_note = " and the auxiliary classifiers" if any(n.startswith(aux) for n in new) else ""
+    return (f"transfer: trunk initialized from {path} ({len(source_names)} other classes, {len(fits)} tensors); "
+            f"new for the {len(class_names)} classes here: {', '.join(heads)}{aux_note}")
 
 
 def region_loss(loss_config: LossConfig):
@@ -256,8 +282,33 @@ def region_loss(loss_config: LossConfig):
     return loss_fn
 
 
-def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), report=print) -> TrainResult:
-    """Load the data, build the model and train it (see :mod:`detector.training.engine` for the files)."""
+@dataclass
+class RunData:
+    """What a run trains and chooses on: the training images (without any held-out ones) and their
+    proposals, and the validator (``--val``, or the held-out images) or None."""
+
+    train_set: Dataset
+    proposals: StoreProposals
+    validator: Validator | None
+    held_out: int = 0
+
+
+def hold_out(dataset: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:
+    """``(training, held out)``: ``count`` images of ``dataset`` drawn with ``seed`` (in their order)."""
+    if not 0 < count < len(dataset):
+        raise UserError(f"cannot hold out {count} of the {len(dataset)} training images; hold out fewer (--hold-out)")
+    chosen = set(np.random.default_rng([seed, 19]).choice(len(dataset), count, replace=False).tolist())
+    keep = [r for i, r in enumerate(dataset.records) if i not in chosen]
+    held = [r for i, r in enumerate(dataset.records) if i in chosen]
+    return (Dataset(keep, dataset.vocab, dataset.image_root, dataset.name),
+            Dataset(held, dataset.vocab, dataset.image_root, f"{dataset.name} (held out)"))
+
+
+def load_run_data(config: DetectorTrainConfig, ctx: DistContext = DistContext(), report=print,
+                  held_out: int | Callable[[int], int] = 0) -> RunData:
+    """Open and check the datasets, compute or open their proposals (once, into the run's store), and
+    hold out ``held_out`` training images for validation when there is no ``config.val`` (a function of
+    the number of training images, or a count)."""
     progress = ctx.is_main and config.engine.progress
     train_set = open_dataset(config.train, config.train_split, annotations=config.ilsvrc_annotations,
                              image_root=config.image_root, progress=progress)
@@ -272,8 +323,10 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
     if config.classifier.num_classes != train_set.vocab.num_classes:
         raise UserError(f"the classifier has {config.classifier.num_classes} classes but '{config.train}' has "
                         f"{train_set.vocab.num_classes}")
-    box_coder = BoxCoder()
-    validator = None
+    # the whole split's proposals, once: held-out images are read from the same store
+    proposals = split_proposals(config.proposals, train_set, split_name(config.train, config.train_split), ctx,
+                                config.engine.progress, report)
+    val_set, val_proposals = None, None
     if config.val:
         val_set = open_dataset(config.val, config.val_split, annotations=config.ilsvrc_annotations,
                                image_root=config.image_root, progress=progress)
@@ -285,32 +338,62 @@ def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), 
         val_set = Dataset(records, val_set.vocab, val_set.image_root, val_set.name)
         val_proposals = split_proposals(config.proposals, val_set, split_name(config.val, config.val_split), ctx,
                                         config.engine.progress, report)
+        held_out = 0
+    elif callable(held_out):
+        held_out = held_out(len(train_set))
+    if held_out and not config.val:
+        train_set, val_set = hold_out(train_set, held_out, config.engine.seed)
+        val_proposals = proposals
+    validator = None
+    if val_set is not None:
         validator = Validator(val_set, val_proposals, config.proposals.eval_max_proposals, config.postprocess,
-                              box_coder, precision="auto", progress=ctx.is_main and config.engine.progress)
+                              BoxCoder(), precision="auto", progress=ctx.is_main and config.engine.progress,
+                              image_cache_mb=config.image_cache_mb)
+    return RunData(train_set, proposals, validator, held_out)
 
+
+def build_model(config: DetectorTrainConfig, class_names: tuple[str, ...], report=print) -> RegionClassifier:
+    """The region classifier, seeded, its weights from ``--backbone-weights`` or ``--init-checkpoint``
+    (which may have other classes: see :func:`load_init_checkpoint`), else from scratch."""
     torch.manual_seed(config.engine.seed)
     model = RegionClassifier(config.classifier)
     if config.backbone_weights:
         count = load_backbone_weights(model, config.backbone_weights)
         report(f"initialized the trunk from {config.backbone_weights} ({count} tensors)")
     if config.init_checkpoint:
-        load_init_checkpoint(model, config.init_checkpoint)
-        report(f"initialized the model from {config.init_checkpoint}")
-    data = RegionDataConfig.for_classifier(config.classifier, max_proposals=config.proposals.max_proposals,
-                                           seed=config.engine.seed)
-    proposals = split_proposals(config.proposals, train_set, split_name(config.train, config.train_split), ctx,
-                                config.engine.progress, report)
-    source = RegionBatchSource(train_set, proposals, config.sampler, data,
+        report(load_init_checkpoint(model, config.init_checkpoint, class_names))
+    return model
+
+
+def train_model(config: DetectorTrainConfig, data: RunData, model: RegionClassifier,
+                ctx: DistContext = DistContext(), report=print) -> TrainResult:
+    """Train ``model`` on ``data`` with the engine (see :mod:`detector.training.engine` for the files)."""
+    box_coder = BoxCoder()
+    train_set = data.train_set
+    sample = RegionDataConfig.for_classifier(config.classifier, max_proposals=config.proposals.max_proposals,
+                                             seed=config.engine.seed, image_cache_mb=config.image_cache_mb)
+    source = RegionBatchSource(train_set, data.proposals, config.sampler, sample,
                                box_coder, rank=ctx.rank, world_size=ctx.world_size)
     saved = model_config(config, train_set.vocab, box_coder)
+    saved["training"]["held_out_images"] = data.held_out
     resume_key = {k: saved[k] for k in ("classifier", "classes", "box_coder", "postprocess")}
     resume_key["training"] = {k: v for k, v in saved["training"].items() if k != "val"}
     resume_key["proposals"] = proposal_settings(config.proposals)
     resume_key["world_size"] = ctx.world_size
     resume_key = json.loads(json.dumps(resume_key))
     return train(model, source, region_loss(config.loss), config.engine, ctx, model_config=saved,
-                 resume_key=resume_key, evaluate=validator, resume=config.resume,
+                 resume_key=resume_key, evaluate=data.validator, resume=config.resume,
                  items_per_batch=source.regions_per_batch, report=report)
+
+
+def run_training(config: DetectorTrainConfig, ctx: DistContext = DistContext(), report=print,
+                 held_out: int = 0) -> TrainResult:
+    """Load the data, build the model and train it (see :mod:`detector.training.engine` for the files)."""
+    data = load_run_data(config, ctx, report, held_out)
+    if held_out:
+        report(f"held out {held_out} of the training images for choosing the checkpoint (no --val)")
+    model = build_model(config, data.train_set.vocab.names, report)
+    return train_model(config, data, model, ctx, report)
 
 
 # ----------------------------------------------------------------------------------------------------
