@@ -105,6 +105,9 @@ def test_a_short_budget_plans_one_stage_and_explicit_options_win():
     assert [(s.input_size, s.iterations) for s in stages] == [(64, 777)] and "--iterations" in notes[0]
     stages, _ = plan_stages(300, measured, fixed_stages=2)  # --stages 2 even when short
     assert [s.input_size for s in stages] == [64, 96]
+    # a crowded machine: the warm-up had no time left to measure 96 px, so one stage at 64
+    crowded, notes = plan_stages(1800, Measured({64: 1.5}, {64: 60.0}, 30.0))
+    assert [s.input_size for s in crowded] == [64] and "no time to measure 96 px" in notes[0]
     with pytest.raises(ValueError, match="larger --time-budget"):
         plan_stages(40, measured)
     # a later stage is planned again from the time left and the speed reached

@@ -122,6 +122,11 @@ def plan_stages(budget_s: float, measured: Measured, sizes: tuple[int, ...] = CP
         two = False if two is None else two
     if fixed_stages == 2 and small == large:
         notes.append("two stages at one crop size: a warm restart")
+    if large not in measured.it_per_s:  # not measured: the warm-up used its share of the budget on the small one
+        large = small
+        if two is None:
+            two = False
+            notes.append(f"one stage: the warm-up had no time to measure {sizes[-1]} px")
     single_size = small if fixed_size is None else fixed_size
     speed_small, speed_large = measured.it_per_s[small], measured.it_per_s[large]
     eval_small, eval_large = measured.eval_s.get(small, 0.0), measured.eval_s.get(large, 0.0)

@@ -50,9 +50,10 @@ from detector.training.rcnn import DetectorTrainConfig, RunData, build_model, lo
 from detector.training.schedule import ScheduleConfig
 from detector.training.validation import Validator
 
-WARMUP_STEPS = 3  # timed training steps per crop size, after one untimed step
+WARMUP_STEPS = 2  # timed training steps per crop size, after one untimed step
+WARMUP_SHARE = 0.08  # a larger crop size is measured only while the warm-up has used less of the budget
 HELD_OUT_PROPOSALS = 500  # held-out images are scored on their first 500 proposals: a cheaper proxy for choosing
-EVAL_IMAGES = 2  # held-out images detected to time an evaluation
+EVAL_IMAGES = 1  # held-out images detected to time an evaluation
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,17 @@ def _eval_seconds(config: DetectorTrainConfig, data: RunData, state: dict, size:
 
 
 def measure(config: DetectorTrainConfig, data: RunData, model: RegionClassifier, sizes: tuple[int, ...],
-            ctx: DistContext) -> Measured:
-    """Iterations per second (all processes together) and evaluation seconds at each crop size."""
+            ctx: DistContext, budget_s: float) -> Measured:
+    """Iterations per second (all processes together) at each crop size, smallest first, and the seconds
+    of one evaluation. A larger size is measured only while the warm-up has used less than
+    :data:`WARMUP_SHARE` of the budget (on a crowded machine the plan is then one stage at the small
+    size); evaluation is timed on one image at the small size, and scaled to a larger size by the ratio of
+    the training speeds."""
     t0 = time.perf_counter()
     state = copy.deepcopy(model.state_dict())
     workers = config.engine.num_workers
     cores_each = usable_cores() / max(1, ctx.world_size)
-    it_per_s, eval_s = {}, {}
+    it_per_s = {}
     for size in sizes:
         prep, step = _step_seconds(config, data, state, size, ctx)
         # batches are made by data-loading workers beside the step: in parallel only with a core to spare
@@ -156,10 +161,12 @@ def measure(config: DetectorTrainConfig, data: RunData, model: RegionClassifier,
         if ctx.distributed:
             seconds *= 1.1  # the gradients' all-reduce
         it_per_s[size] = 1.0 / (_max_over_ranks(seconds, ctx) if ctx.distributed else seconds)
-    if ctx.is_main:
-        for size in sizes:
-            eval_s[size] = _eval_seconds(config, data, state, size, ctx)
-    eval_s = broadcast_object(eval_s, ctx)
+        if broadcast_object(time.perf_counter() - t0, ctx) > WARMUP_SHARE * budget_s:
+            break
+    small = sizes[0]
+    eval_small = _eval_seconds(config, data, state, small, ctx) if ctx.is_main else 0.0
+    eval_small = broadcast_object(eval_small, ctx)
+    eval_s = {size: eval_small * it_per_s[small] / speed for size, speed in it_per_s.items()}
     barrier(ctx)
     warmup = broadcast_object(time.perf_counter() - t0, ctx)
     return Measured(it_per_s, eval_s, warmup)
@@ -198,7 +205,9 @@ def run_budget(config: DetectorTrainConfig, budget: BudgetConfig, ctx: DistConte
     sizes = GPU_SIZES if ctx.device.type == "cuda" else CPU_SIZES
     if budget.input_size is not None:
         sizes = (budget.input_size,)
-    measured = measure(config, data, model, sizes, ctx)
+    elif budget.stages == 1:
+        sizes = sizes[:1]
+    measured = measure(config, data, model, sizes, ctx, budget.budget_s)
     try:
         stages, notes = plan_stages(budget.budget_s, measured, sizes, budget.lr, fixed_size=budget.input_size,
                                     fixed_iterations=budget.iterations, fixed_stages=budget.stages)
