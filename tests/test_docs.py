@@ -405,7 +405,7 @@ def setup_training(box: Path) -> None:
 
 
 def setup_train_your_own(box: Path) -> None:
-    bccd_subset(box / "bccd_small", {"trainval": 16, "test": 6})
+    bccd_subset(box / "bccd_small", {"trainval": 16, "test": 3})
 
 
 SETUPS = {"README.md": setup_readme, "docs/DETECTOR.md": setup_detector, "docs/EVALUATION.md": setup_evaluation,
