@@ -75,11 +75,11 @@ def test_held_out_images():
 
 def test_a_30_minute_budget_plans_two_stages_that_fill_it():
     # 1.5 it/s at 64 px, 0.75 at 96 px, 60 s / 90 s per evaluation, 30 s of warm-up already spent:
-    # left = 0.95 * (1800 - 30) - 20 = 1661.5 s; minus both evaluations, 1511.5 s of training;
-    # 60 % at 64 px: 906.9 s * 1.5 = 1360 iterations; 40 % at 96 px: 604.6 s * 0.75 = 453 iterations
+    # left = 0.95 * (1800 - 30) - 30 = 1651.5 s; minus both evaluations, 1501.5 s of training;
+    # 60 % at 64 px: 900.9 s * 1.5 = 1351 iterations; 40 % at 96 px: 600.6 s * 0.75 = 450 iterations
     measured = Measured({64: 1.5, 96: 0.75}, {64: 60.0, 96: 90.0}, warmup_s=30.0)
     stages, notes = plan_stages(1800, measured)
-    assert [(s.input_size, s.iterations) for s in stages] == [(64, 1360), (96, 453)]
+    assert [(s.input_size, s.iterations) for s in stages] == [(64, 1351), (96, 450)]
     assert notes == ()
     plan = Plan(1800, stages, 12, 280, "detector/resources/default_detector", 2, 64, measured, notes)
     assert plan.train_s + measured.warmup_s <= 1800  # the plan fits the budget
@@ -87,7 +87,7 @@ def test_a_30_minute_budget_plans_two_stages_that_fill_it():
     for expected in ("time budget         30.0 min (proposals not counted)",
                      "weights start from  detector/resources/default_detector",
                      "crop size           64 px then 96 px (fine-tune from the first stage)",
-                     "iterations          1,360 + 453 (2 processes x 64 regions each)",
+                     "iterations          1,351 + 450 (2 processes x 64 regions each)",
                      "held-out images     12 (choose the checkpoint)",
                      "measured speed      1.50 it/s at 64 px, 0.75 it/s at 96 px (warm-up 30 s)"):
         assert expected in table, table
@@ -97,7 +97,7 @@ def test_a_30_minute_budget_plans_two_stages_that_fill_it():
 def test_a_short_budget_plans_one_stage_and_explicit_options_win():
     measured = Measured({64: 1.5, 96: 0.75}, {64: 60.0, 96: 90.0}, warmup_s=30.0)
     stages, notes = plan_stages(300, measured)  # two stages would give 64 px 90 iterations: one stage
-    assert [(s.input_size, s.iterations) for s in stages] == [(64, int((0.95 * 270 - 20 - 60) * 1.5))]
+    assert [(s.input_size, s.iterations) for s in stages] == [(64, int((0.95 * 270 - 30 - 60) * 1.5))]
     assert "one stage" in notes[0]
     stages, _ = plan_stages(1800, Measured({96: 0.75}, {96: 90.0}, 30.0), (96,), fixed_size=96)
     assert [s.input_size for s in stages] == [96]  # --input-size: one stage at that size
@@ -111,7 +111,7 @@ def test_a_short_budget_plans_one_stage_and_explicit_options_win():
     with pytest.raises(ValueError, match="larger --time-budget"):
         plan_stages(40, measured)
     # a later stage is planned again from the time left and the speed reached
-    assert replan_iterations(stages[1], 600, 0.5, 90).iterations == int((0.95 * 600 - 20 - 90) * 0.5)
+    assert replan_iterations(stages[1], 600, 0.5, 90).iterations == int((0.95 * 600 - 30 - 90) * 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,26 +163,25 @@ TINY = ["--regions-per-batch", "8", "--max-proposals", "200", "--eval-max-propos
         "--proposal-options", '{"max_side": 200}', "--threads", "1", "--workers", "0", "--no-progress"]
 
 
-@pytest.mark.slow  # about 1.5 min on 2 busy cores: a real budget run (warm-up, plan, two stages, best)
+@pytest.mark.slow  # about 3 min on 2 busy cores: a real budget run (warm-up, plan, stages, best)
 def test_a_budget_run_ends_within_its_budget_and_leaves_a_detector(bccd, tmp_path):
     data = voc_subset(bccd, 10, tmp_path / "bccd10")
     out = tmp_path / "run"
-    budget = 75
-    result = run_tool("--train", data, "--out", out, "--time-budget", f"{budget}s", "--stages", "2",
-                      "--hold-out", "2", "--nproc", "1", *TINY)
+    budget = 120
+    result = run_tool("--train", data, "--out", out, "--time-budget", f"{budget}s", "--hold-out", "2",
+                      "--nproc", "1", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     # one plan table at the start, the transfer line, the proposals shown apart
     assert text.count("training plan") == 1 and "held-out images     2 (choose the checkpoint)" in text
-    assert "crop size           64 px then 96 px" in text
+    assert "crop size           64 px" in text  # then 96 px when the machine is fast enough
     assert "transfer: trunk initialized from" in text and "new for the 3 classes here" in text
     assert "not counted in the budget" in text
     plan = json.loads((out / "plan.json").read_text())
     assert plan["train_s"] <= budget + 15, plan  # within the budget, with a margin for a busy machine
-    assert [s["input_size"] for s in plan["stages"]] == [64, 96]
+    assert [s["input_size"] for s in plan["stages"]] in ([64], [64, 96])
     assert plan["init"].endswith("default_detector") and plan["held_out"] == 2
-    for name in ("best.safetensors", "best.json", "last.safetensors", "stage1-64px/metrics.jsonl",
-                 "stage2-96px/last.safetensors"):
+    for name in ("best.safetensors", "best.json", "last.safetensors", "stage1-64px/metrics.jsonl"):
         assert (out / name).is_file(), name
     config = json.loads((out / "best.json").read_text())
     assert tuple(config["classes"]["names"]) == BCCD_CLASSES and config["training"]["held_out_images"] == 2

@@ -25,7 +25,7 @@ GPU_SIZES = (96, 160)  # on a GPU the budget buys larger crops
 FIRST_STAGE_SHARE = 0.6  # of the training time, when there are two stages
 MIN_STAGE_ITERATIONS = 300  # a stage shorter than this is not worth its restart: one stage instead
 SAFETY = 0.95  # plan for this share of the time left (speed drifts on a shared machine)
-MARGIN_S = 20.0  # seconds kept for the last checkpoint and copying the best one
+MARGIN_S = 30.0  # seconds kept for starting a stage (data workers, checkpoints) and copying the best one
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*$")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}

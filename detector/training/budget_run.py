@@ -208,11 +208,23 @@ def run_budget(config: DetectorTrainConfig, budget: BudgetConfig, ctx: DistConte
     elif budget.stages == 1:
         sizes = sizes[:1]
     measured = measure(config, data, model, sizes, ctx, budget.budget_s)
-    try:
-        stages, notes = plan_stages(budget.budget_s, measured, sizes, budget.lr, fixed_size=budget.input_size,
-                                    fixed_iterations=budget.iterations, fixed_stages=budget.stages)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    def make_stages(measured: Measured):
+        try:
+            return plan_stages(budget.budget_s, measured, sizes, budget.lr, fixed_size=budget.input_size,
+                               fixed_iterations=budget.iterations, fixed_stages=budget.stages)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    stages, notes = make_stages(measured)
+    if len(stages) == 1 and data.held_out and budget.held_out is None:
+        # one stage leaves nothing to choose: the held-out images train too, and no time goes to evaluating
+        held = data.validator.dataset
+        train_set = Dataset(data.train_set.records + held.records, data.train_set.vocab,
+                            data.train_set.image_root, data.train_set.name)
+        data = RunData(train_set, data.proposals, None, 0)
+        measured = replace(measured, eval_s={})
+        stages, notes = make_stages(measured)
+        notes = (*notes, "one stage, nothing to choose: every training image trains, none is held out")
     init = config.init_checkpoint or config.backbone_weights or "scratch (random initialization)"
     plan = Plan(budget.budget_s, stages, data.held_out, len(data.train_set), init, ctx.world_size,
                 config.sampler.regions_per_batch, measured, notes)
