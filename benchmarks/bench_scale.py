@@ -9,9 +9,12 @@ an image list per N, and synthetic proposal stores (2,000 random boxes per image
 the objects, written by :mod:`proposals.store`; one compacted store per N, and stores in 64-image parts,
 precompute's chunks, at each N and at 100k and 480k images).
 
-Each row is one fresh Python process (``--child``), so its peak RSS (``VmHWM``) is its own; data-loading
-workers report their own ``VmHWM`` with each batch. Open files are the entries of ``/proc/self/fd``,
-sampled every 20 ms (the peak) and after the step. Rows:
+Each row is one fresh Python process (``--child``, under ``RLIMIT_NOFILE`` ``--nofile``), so its peak RSS
+(``VmHWM``) is its own; data-loading workers report their own with each batch. Beside it, the largest
+anonymous RSS (``RssAnon``, sampled every 20 ms and per batch): the memory a process keeps, without the
+file pages of a mapped store and the shared memory of a MultiBox preload, which ``VmHWM`` counts too.
+Open files are the entries of ``/proc/self/fd``, sampled every 20 ms (the peak) and after the step.
+Every process that imports torch starts near 1 GB of RSS; each row prints that "ready" figure. Rows:
 
   precompute        ``proposals.precompute.precompute`` (ss-fast, ``--workers`` spawned processes) on a
                     store that already holds N - S images in 64-image parts: computes the S sampled images,
@@ -39,8 +42,11 @@ sampled every 20 ms (the peak) and after the step. Rows:
   eval-ilsvrc       ``evaluate_ilsvrc`` / ``evaluate_coco`` of that result file against the N XML files
   eval-coco         (reading included).
 
-The extrapolation to 480,000 images is a least-squares line through (N, peak RSS) and (N, seconds) of
-each row, stated as such (stores are also measured directly at 100k and 480k).
+The extrapolation to 480,000 images is a least-squares line through (N, peak RSS), (N, anonymous RSS) and
+(N, seconds for the whole N) of each row, stated as such (stores and worker start-up are also measured
+directly at 100k and 480k). The full default takes about 25 minutes on an idle 2-core machine (several
+times that under load); ``--quick`` (N = 200 and 1,000) a few minutes. Runs of different components can
+be printed as one table with ``--merge A.json B.json``.
 
     python benchmarks/bench_scale.py [--n 1000 5000 20000] [--quick] [--json OUT] [--components ...]
 """
