@@ -507,6 +507,7 @@ def test_json_block_parses(block):
             json.loads(line)
 
 
+@pytest.mark.slow  # the whole set: about 45 minutes at load average 20 on the 2-core machine (see the report)
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang in ("python", "bash")], ids=lambda b: b.where)
 def test_block_runs(block, sandbox_for):
     box = sandbox_for(block.doc)
