@@ -750,7 +750,7 @@ def parse_args(argv):
     p.add_argument("--nofile", type=int, default=1024, help="RLIMIT_NOFILE of every measured process "
                    "(default 1024, the usual limit)")
     p.add_argument("--pool", type=int, default=256, help="distinct JPEGs behind the N names (default 256)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per measured process (default 900)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per measured process (default 3600)")
     p.add_argument("--json", help="write every row and the extrapolation as JSON here")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: print the table and the "
                    "extrapolation of the rows of these --json files (runs of different components), later "
