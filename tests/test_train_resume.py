@@ -393,3 +393,33 @@ def test_what_a_killed_state_writer_left_is_removed_by_a_rerun_or_resume(tmp_pat
     left = kill_a_writer()
     run(out, iterations=5)  # so does a new run in the same folder
     assert not left.exists() and not list(out.glob(".*tmp*"))
+
+
+class SlowSource(SyntheticSource):
+    """Each batch takes 50 ms: a 12-iteration run takes at least 0.6 s."""
+
+    def batch(self, iteration: int):
+        import time
+
+        time.sleep(0.05)
+        return super().batch(iteration)
+
+
+def test_a_time_budget_stops_early_saves_and_resumes_to_the_planned_end(tmp_path):
+    import time
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    config = EngineConfig(out_dir=str(tmp_path / "run"), checkpoint_every=0, log_every=50, progress=False, seed=7,
+                          num_workers=0, stop_at=time.time() + 0.2,  # passed after about 4 of 12 iterations
+                          schedule=ScheduleConfig(base_lr=0.1, iterations=12, warmup_iters=3, kind="cosine"))
+    lines = []
+    result = train(model, SlowSource(), loss_fn, config, model_config={"name": "tiny"},
+                   resume_key={"model": "tiny"}, report=lines.append)
+    # the stop is after the first iteration that passes stop_at: at least 1, fewer than 12 (each takes >= 50 ms)
+    assert 1 <= result.iterations < 12
+    assert any("time budget: stopped at iteration" in line for line in lines), lines
+    assert load_train_state(tmp_path / "run")["iteration"] == result.iterations  # saved where it stopped
+    # a resume without a deadline runs the rest of the schedule, to the planned 12
+    run(tmp_path / "run", resume=tmp_path / "run", source=SlowSource())
+    assert load_train_state(tmp_path / "run")["iteration"] == 12

@@ -241,8 +241,11 @@ def run_budget(config: DetectorTrainConfig, budget: BudgetConfig, ctx: DistConte
         folder = out / f"stage{k}-{stage.input_size}px"
         schedule = ScheduleConfig(base_lr=stage.lr, iterations=stage.iterations, warmup_iters=stage.warmup_iters,
                                   kind="cosine")
+        # a slower machine than measured stops the stage at the budget's end, less its final evaluation
+        stop_at = time.time() + (deadline - time.perf_counter()) - measured.eval_s.get(stage.input_size, 0.0)
         engine = replace(config.engine, out_dir=str(folder), schedule=schedule, eval_every=0,
-                         checkpoint_every=max(50, stage.iterations // 4))
+                         checkpoint_every=max(50, stage.iterations // 4),
+                         stop_at=stop_at if budget.iterations is None else None)
         stage_config = replace(config, out_dir=str(folder), engine=engine,
                                classifier=replace(config.classifier, input_size=stage.input_size, context=None))
         if previous is not None:
@@ -256,10 +259,11 @@ def run_budget(config: DetectorTrainConfig, budget: BudgetConfig, ctx: DistConte
         t_stage = time.perf_counter()
         result = train_model(stage_config, data, model, ctx, report)
         stage_s = time.perf_counter() - t_stage - measured.eval_s.get(stage.input_size, 0.0)
-        speed_ratio = (stage.iterations / max(stage_s, 1e-6)) / measured.it_per_s[stage.input_size]
+        speed_ratio = (result.iterations / max(stage_s, 1e-6)) / measured.it_per_s[stage.input_size]
         speed_ratio = broadcast_object(speed_ratio, ctx)
-        results.append({"stage": k, **asdict(stage), "seconds": time.perf_counter() - t_stage,
-                        "it_per_s": stage.iterations / max(stage_s, 1e-6), "val_mAP": result.best_metric})
+        results.append({"stage": k, **asdict(stage), "iterations_done": result.iterations,
+                        "seconds": time.perf_counter() - t_stage,
+                        "it_per_s": result.iterations / max(stage_s, 1e-6), "val_mAP": result.best_metric})
         if result.best_metric is not None and (best_metric is None or result.best_metric > best_metric):
             best_metric, best_stage = result.best_metric, k
         previous = folder

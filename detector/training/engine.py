@@ -95,6 +95,9 @@ class EngineConfig:
         cores but one, see :func:`detector.base.jobs.default_workers`; 0: load in the training process).
     seed: seeds python, numpy and torch before the first iteration.
     progress: show a progress bar (rank 0).
+    stop_at: a ``time.time()`` at which to stop before ``schedule.iterations`` (a time budget's end; None:
+        never): the run ends after the iteration that passes it, saves and evaluates as at its planned end
+        and can be resumed to finish. Rank 0's clock decides for every process.
     """
 
     out_dir: str
@@ -111,6 +114,7 @@ class EngineConfig:
     num_workers: int | None = None
     seed: int = 0
     progress: bool = True
+    stop_at: float | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -361,11 +365,11 @@ class _Run:
         self.best_metric, self.best_iteration = broadcast_object((self.best_metric, self.best_iteration), self.ctx)
         barrier(self.ctx)
 
-    def finish(self) -> TrainResult:
+    def finish(self, iterations: int) -> TrainResult:
         if self.ctx.is_main:
             plot_curves(self.log.read(), self.out_dir / "curves.png", self.config.metric)
         barrier(self.ctx)
-        return TrainResult(self.total, self.best_metric, self.best_iteration, time.perf_counter() - self.t0,
+        return TrainResult(iterations, self.best_metric, self.best_iteration, time.perf_counter() - self.t0,
                            self.out_dir)
 
 
@@ -396,18 +400,31 @@ def train(model: nn.Module, source: BatchSource, loss_fn: Callable[[nn.Module, A
     run.begin(start, resumed=resume is not None)
     with tqdm(total=total, initial=start, disable=not (ctx.is_main and config.progress), dynamic_ncols=True,
               desc="train", unit="it") as bar:
+        end = total
         for iteration, batch in enumerate(_batches(source, start, total, config.num_workers), start=start):
             lr = run.step(iteration, batch)
             done = iteration + 1
             bar.update(1)
+            if done < total and _time_is_up(config.stop_at, ctx):
+                end = done
+                run.log_window(done, lr, bar)
+                run.report(f"time budget: stopped at iteration {done:,} of {total:,} (resume to finish)")
+                break
             if done % config.log_every == 0 or done == total:
                 run.log_window(done, lr, bar)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
                 run.save(done)
             if evaluate is not None and config.eval_every and done % config.eval_every == 0 and done < total:
                 run.evaluate(done)
-    if start < total or resume is None:
-        run.save(total)
+    if start < end or resume is None:
+        run.save(end)
     if evaluate is not None:
-        run.evaluate(total)
-    return run.finish()
+        run.evaluate(end)
+    return run.finish(end)
+
+
+def _time_is_up(stop_at: float | None, ctx: DistContext) -> bool:
+    """Whether ``stop_at`` has passed, by rank 0's clock (every rank gets the same answer)."""
+    if stop_at is None:
+        return False
+    return bool(broadcast_object(time.time() >= stop_at, ctx))
