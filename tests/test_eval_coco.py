@@ -390,3 +390,18 @@ def test_write_coco_results_counts_images_outside_the_dataset(tmp_path):
         warnings.simplefilter("ignore")
         write_result_file(out, "coco", detections, ds)
     assert path.read_text() == before and sorted(p.name for p in out.iterdir()) == ["coco_results.json"]
+
+
+@pytest.mark.parametrize("result_format", ["ilsvrc", "voc"])
+def test_every_result_writer_counts_images_outside_the_dataset(tmp_path, result_format):
+    """The same rule for the ILSVRC submission and the VOC detections file: the 2 detections of image 99,
+    which the dataset lacks, are not written and are counted in one warning; the dataset's 2 are written."""
+    from detector.evaluation.result_files import write_result_file
+
+    ds = read_coco(tiny_ground_truth(tmp_path))
+    detections = coco_results_to_detections(PERFECT, ds)
+    detections[99] = (np.array([[0.0, 0, 5, 5], [1, 1, 4, 4]]), np.array([0.9, 0.8]), np.array([1, 2]))
+    with pytest.warns(UserWarning, match="dropped 2 detections on 1 images that are not in the dataset"):
+        path, count = write_result_file(tmp_path / "out", result_format, detections, ds)
+    lines = path.read_text().splitlines()
+    assert count == len(lines) == 2 and not any(line.startswith("99 ") for line in lines)

@@ -42,7 +42,7 @@ from detector.evaluation.coco_results import (
     read_coco_results,
     write_coco_result_chunks,
 )
-from detector.evaluation.detections import unpack
+from detector.evaluation.detections import unpack, warn_outside_dataset
 from detector.evaluation.result import EvalResult
 
 STAT_NAMES = (
@@ -129,11 +129,7 @@ def write_coco_results(path: str | Path, detections: Mapping, dataset: Dataset) 
     Non-finite boxes or scores, or labels outside ``1..C``, are a ``ValueError`` (nothing is written).
     """
     image_ids = _coco_image_ids(dataset)
-    dropped = _num_unlisted(detections, image_ids)
-    if dropped:
-        images = sum(k not in image_ids for k in detections)
-        warnings.warn(f"{path}: dropped {dropped} detections on {images} images that are not in the dataset",
-                      stacklevel=2)
+    warn_outside_dataset(path, detections, image_ids)
     order = [r.image_id for r in dataset.records]
     return write_coco_result_chunks(path, _result_parts(detections, dataset.vocab, image_ids, order))
 

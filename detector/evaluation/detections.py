@@ -80,6 +80,18 @@ def unpack(value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return boxes, scores, labels
 
 
+def warn_outside_dataset(path, detections: Mapping, known) -> int:
+    """The rule of every result-file writer: detections of images not in ``known`` (a set or mapping of the
+    dataset's image ids) are not written, and never silently: one warning counts them and their images.
+    Returns the number of such detections."""
+    outside = [k for k in detections if k not in known]
+    dropped = sum(len(unpack(detections[k])[1]) for k in outside)
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} detections on {len(outside)} images that are not in the dataset",
+                      stacklevel=3)
+    return dropped
+
+
 def flatten_detections(dataset: Dataset, detections: Mapping) -> FlatDetections:
     """Arrays of ``detections`` (image id -> ``(boxes float (N, 4) xyxy, scores (N,), labels (N,) 1..C)``).
 

@@ -20,7 +20,7 @@ from detector.base.boxes import voc_to_xyxy, xyxy_to_voc
 from detector.base.errors import UserError
 from detector.base.files import atomic_open
 from detector.data.records import Dataset
-from detector.evaluation.detections import unpack
+from detector.evaluation.detections import unpack, warn_outside_dataset
 
 NUM_COLUMNS = 7
 CHUNK_BYTES = 32 << 20  # parsed in pieces of ~32 MB (~700k lines)
@@ -166,6 +166,7 @@ def write_ilsvrc_submission(path: str | Path, detections: Mapping, dataset: Data
     with Python's shortest round-trip repr, so reading the file back evaluates exactly as in memory.
     """
     index = {r.image_id: i for i, r in enumerate(dataset.records)}
+    warn_outside_dataset(path, detections, index)
     items = sorted((index[k], k, v) for k, v in detections.items() if k in index)
     ids = dataset.vocab.ids
 

@@ -28,7 +28,7 @@ from detector.base.errors import UserError
 from detector.base.files import atomic_write
 from detector.data.records import Dataset
 from detector.evaluation.ap import average_precision, average_precision_11point, mean_of, precision_recall
-from detector.evaluation.detections import flatten_detections, flatten_ground_truth
+from detector.evaluation.detections import flatten_detections, flatten_ground_truth, warn_outside_dataset
 from detector.evaluation.ilsvrc import inclusive_iou
 from detector.evaluation.result import EvalResult
 
@@ -181,6 +181,7 @@ def write_voc_detections(path: str | Path, detections: dict, dataset: Dataset) -
     """Write ``<image id> <class id> <confidence> <xmin> <ymin> <xmax> <ymax>`` lines (1-based inclusive, the
     format :func:`detector.evaluation.read_voc_predictions` reads), in record order; returns the line count."""
     ids = np.asarray(dataset.vocab.ids)
+    warn_outside_dataset(path, detections, {r.image_id for r in dataset.records})
     lines = []
     for record in dataset.records:
         if record.image_id not in detections:
