@@ -44,9 +44,10 @@ Every process that imports torch starts near 1 GB of RSS; each row prints that "
 
 The extrapolation to 480,000 images is a least-squares line through (N, peak RSS), (N, anonymous RSS) and
 (N, seconds for the whole N) of each row, stated as such (stores and worker start-up are also measured
-directly at 100k and 480k). The full default takes about 25 minutes on an idle 2-core machine (several
-times that under load); ``--quick`` (N = 200 and 1,000) a few minutes. Runs of different components can
-be printed as one table with ``--merge A.json B.json``.
+directly at 100k and 480k). At an idle core's per-image times the full default needs roughly 25 minutes on
+2 cores (an estimate: the README's run, at load 4 to 24, took over an hour of wall time, in parts run side
+by side); ``--quick`` (N = 200 and 1,000) a few minutes. Runs of different components are printed as one
+table with ``--merge A.json B.json``.
 
     python benchmarks/bench_scale.py [--n 1000 5000 20000] [--quick] [--json OUT] [--components ...]
 """
