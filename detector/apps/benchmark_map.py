@@ -312,6 +312,9 @@ def detect_dataset(args):
                              proposals=open_proposal_source(args.proposals), max_proposals=args.max_proposals,
                              score_threshold=args.threshold, compile=args.compile)
     parts = claim_parts_folder(args.out / "parts", run_settings(paths, detector, dataset, config.chunk_size))
+    if (args.out / "evaluation.json").exists():  # a rerun with the same settings; say what it replaces
+        print(f"note: {args.out} holds an earlier run's evaluation; this run replaces evaluation.json, per_class.txt, "
+              "run_summary.json and the plots there (give another --out to keep them)", file=sys.stderr)
     run, merged = detect_dataset_shard(detector, dataset, parts, config, progress=not args.quiet)
     print(run.summary(verb="detected"), file=sys.stderr)
     import torch  # loaded by the detector already; only its thread count is read here
@@ -372,9 +375,6 @@ def check_outputs(args) -> None:
 
 def model_mode(args) -> int:
     run = model_mode_args(args)
-    if (run.out / "evaluation.json").exists():  # a rerun resumes the detections; say what it replaces
-        print(f"note: {run.out} holds an earlier run's evaluation; this run replaces evaluation.json, per_class.txt, "
-              "run_summary.json and the plots there (give another --out to keep them)", file=sys.stderr)
     with show_warnings():
         path, dataset, summary = detect_dataset(run)
         if path is None:
