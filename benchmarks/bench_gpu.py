@@ -1,7 +1,7 @@
 """Throughput on one GPU, side by side in one run: the bare network, the detection engine, training.
 
     python benchmarks/bench_gpu.py [--device cuda] [--size 224] [--batch-size 1024] [--proposals 2000]
-        [--images 16] [--budget 280] [--json OUT]
+        [--images 16] [--budget 360] [--json OUT]
     python benchmarks/bench_gpu.py --device cpu --quick      # tiny settings: the test of this script
 
 Rows (the paper's setting by default: 224 px crops, 2,000 proposals per image, 200 classes):

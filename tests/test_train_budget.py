@@ -155,6 +155,20 @@ def test_init_checkpoint_with_the_same_classes_loads_every_layer(tmp_path):
     assert torch.equal(model.cls_score.weight, shipped["cls_score.weight"].float())
 
 
+def test_training_refuses_a_model_made_for_another_crop_size(tmp_path):
+    """A model whose settings say 224 px, trained on 64 px crops, would be evaluated at 224 px during
+    training (12x the work per held-out image, at a scale it never saw; a budget run once chose its
+    checkpoint that way): ``train_model`` refuses it before any work."""
+    from detector.classifier import ClassifierConfig, RegionClassifier
+    from detector.training.engine import EngineConfig
+    from detector.training.rcnn import DetectorTrainConfig, train_model
+
+    config = DetectorTrainConfig(train="unused", val=None, out_dir=str(tmp_path),
+                                 classifier=ClassifierConfig(num_classes=3, input_size=64),
+                                 engine=EngineConfig(out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="not the run's"):
+        train_model(config, None, RegionClassifier(ClassifierConfig(num_classes=3, input_size=224)))
+
 # ----------------------------------------------------------------------------------------------------
 # the tool
 

@@ -251,6 +251,10 @@ def run_budget(config: DetectorTrainConfig, budget: BudgetConfig, ctx: DistConte
         if previous is not None:
             stage_config = replace(stage_config, init_checkpoint=str(previous / "last"), backbone_weights=None)
             model = build_model(stage_config, data.train_set.vocab.names, report)
+        elif model.config != stage_config.classifier:  # the same weights at the stage's crop size and context
+            state = model.state_dict()
+            model = RegionClassifier(stage_config.classifier)
+            model.load_state_dict(state)
         eta = time.strftime("%H:%M", time.localtime(time.time() + stage.iterations / (
             measured.it_per_s[stage.input_size] * speed_ratio)))
         report(f"stage {k}/{len(stages)}: {stage.input_size} px, {stage.iterations:,} iterations, about "

@@ -367,7 +367,11 @@ def build_model(config: DetectorTrainConfig, class_names: tuple[str, ...], repor
 
 def train_model(config: DetectorTrainConfig, data: RunData, model: RegionClassifier,
                 ctx: DistContext = DistContext(), report=print) -> TrainResult:
-    """Train ``model`` on ``data`` with the engine (see :mod:`detector.training.engine` for the files)."""
+    """Train ``model`` on ``data`` with the engine (see :mod:`detector.training.engine` for the files).
+    ``model.config`` must be ``config.classifier``: the crops are made at its size and context, and the
+    evaluations during training warp at the model's own."""
+    if model.config != config.classifier:
+        raise ValueError(f"the model's classifier settings {model.config} are not the run's {config.classifier}")
     box_coder = BoxCoder()
     train_set = data.train_set
     sample = RegionDataConfig.for_classifier(config.classifier, max_proposals=config.proposals.max_proposals,
