@@ -26,6 +26,7 @@ import numpy as np
 
 from detector.base.errors import UserError
 from detector.base.files import atomic_open
+from detector.data.coco import read_json_file
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace, as json.decoder skips it
 CHUNK_CHARS = 16 << 20  # read ~16 MB of text at a time (~200k results)
@@ -277,8 +278,6 @@ def _json_list_chunks(path: Path, chunk_chars: int, per_chunk: int = 100_000) ->
 
 def _not_a_list(path: Path):
     """Raise for a file that does not start with ``[``: its JSON error, or 'expected a list'."""
-    from detector.data.coco import read_json_file  # the project's JSON errors, for a file that is no list
-
     read_json_file(path, "COCO results file")
     raise UserError(f"{path}: expected a COCO results list [{{'image_id', 'category_id', 'bbox', 'score'}}, ...]")
 
