@@ -161,7 +161,8 @@ class Detector:
                         batch_size: int | None = None, workers: int | None = None, compile: bool | str = False,
                         proposals: object | None = None, proposal_options: dict | None = None,
                         max_proposals: int | None = None, score_threshold: float | None = None,
-                        nms_iou: float | None = None, max_detections: int | None = None) -> Detector:
+                        nms_iou: float | None = None, max_detections: int | None = None,
+                        box_voting: float | None = None) -> Detector:
         """A detector from one checkpoint or a list (an ensemble).
 
         Settings left ``None`` come from the (first) checkpoint's config: the proposal method and
@@ -186,7 +187,8 @@ class Detector:
         try:
             post = PostprocessConfig.from_dict(configs[0].get("postprocess") or {})
             overrides = {k: v for k, v in (("score_threshold", score_threshold), ("nms_iou", nms_iou),
-                                           ("max_detections", max_detections)) if v is not None}
+                                           ("max_detections", max_detections), ("box_voting", box_voting))
+                         if v is not None}
             post = replace(post, **overrides)
         except (TypeError, ValueError) as err:
             raise UserError(f"post-processing settings: {err}") from None

@@ -7,7 +7,12 @@ non-maximum suppression independently per class. Here, in order:
 2. boxes clipped to the image, and pairs whose box has no area dropped;
 3. per-class NMS with :func:`torchvision.ops.batched_nms`: a box is suppressed by a higher-scoring
    box of the same class with IoU in ``(nms_iou, 1]`` (R-CNN used 0.3);
-4. the ``max_detections`` highest-scoring survivors across classes.
+4. the ``max_detections`` highest-scoring survivors across classes;
+5. optionally (``box_voting``, off by default: R-CNN has no such step), box voting (Gidaris and
+   Komodakis, "Object detection via a multi-region & semantic segmentation-aware CNN model", ICCV 2015,
+   section 5): each survivor's box becomes the score-weighted mean of the same-class candidates of step 2
+   (itself included) that overlap it with IoU >= ``box_voting``. Scores, labels and order stay; only
+   the boxes move, towards where the many overlapping regression outputs agree.
 
 For pictures only, :func:`suppress_across_classes` then removes cross-class duplicates (one object
 labelled bishop, pawn and knight): class-agnostic NMS over the survivors. Evaluation never uses it (a
@@ -21,9 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, clip_boxes_to_image, nms
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, nms
 
-from detector.base.defaults import MAX_DETECTIONS, NMS_IOU, SCORE_THRESHOLD
+from detector.base.defaults import BOX_VOTING, MAX_DETECTIONS, NMS_IOU, SCORE_THRESHOLD
 from detector.detections import Detections
 
 
@@ -32,11 +37,14 @@ class PostprocessConfig:
     """score_threshold: keep (region, class) pairs with probability in ``[score_threshold, 1]``.
     nms_iou: suppress same-class boxes whose IoU with a kept, higher-scoring box is in ``(nms_iou, 1]``.
     max_detections: at most this many detections per image (all classes together), >= 1.
+    box_voting: 0 (off), or the IoU in ``(0, 1]`` with a survivor at which a same-class candidate votes
+        for its box (see the module docstring).
     """
 
     score_threshold: float = SCORE_THRESHOLD
     nms_iou: float = NMS_IOU
     max_detections: int = MAX_DETECTIONS
+    box_voting: float = BOX_VOTING
 
     def __post_init__(self):
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -45,6 +53,8 @@ class PostprocessConfig:
             raise ValueError(f"nms_iou must be in [0, 1], got {self.nms_iou}")
         if self.max_detections < 1:
             raise ValueError(f"max_detections must be >= 1, got {self.max_detections}")
+        if not 0.0 <= self.box_voting <= 1.0:
+            raise ValueError(f"box_voting must be 0 (off) or an IoU in (0, 1], got {self.box_voting}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +79,7 @@ class Kept(NamedTuple):
 
 def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size: tuple[int, int],
                 config: PostprocessConfig = PostprocessConfig()) -> Kept:
-    """Threshold, clip, per-class NMS and top-k.
+    """Threshold, clip, per-class NMS, top-k and (if ``config.box_voting``) box voting.
 
     class_probs: float ``(N, C + 1)`` probabilities per region, column 0 = background.
     class_boxes: float ``(N, 4 C)`` (or ``(N, C, 4)``) xyxy boxes per region and class, pixels;
@@ -92,7 +102,20 @@ def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size
     has_area = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
     cand_boxes, cand_scores, cand_labels = cand_boxes[has_area], cand_scores[has_area], cls[has_area] + 1
     keep = batched_nms(cand_boxes, cand_scores, cand_labels, config.nms_iou)[:config.max_detections]
-    return Kept(cand_boxes[keep], cand_scores[keep], cand_labels[keep])
+    kept_boxes = cand_boxes[keep]
+    if config.box_voting > 0 and len(keep):
+        kept_boxes = vote_boxes(kept_boxes, cand_labels[keep], cand_boxes, cand_scores, cand_labels, config.box_voting)
+    return Kept(kept_boxes, cand_scores[keep], cand_labels[keep])
+
+
+def vote_boxes(boxes: torch.Tensor, labels: torch.Tensor, cand_boxes: torch.Tensor, cand_scores: torch.Tensor,
+               cand_labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Box voting: each of ``boxes`` (float ``(K, 4)`` xyxy, labels ``(K,)``) replaced by the mean of the
+    candidates (``(M, 4)``, scores and labels ``(M,)``) of its label with IoU >= ``iou`` with it, weighted
+    by their scores. Every box must be among the candidates (it then votes for itself with weight > 0)."""
+    votes = (box_iou(boxes, cand_boxes) >= iou) & (labels[:, None] == cand_labels[None, :])
+    weights = votes * cand_scores[None, :]
+    return (weights @ cand_boxes) / weights.sum(dim=1, keepdim=True)
 
 
 def suppress_across_classes(detections: Detections, iou: float) -> Detections:

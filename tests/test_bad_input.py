@@ -501,6 +501,7 @@ def test_disk_full_while_a_store_is_merged_names_the_real_file(tmp_path, monkeyp
     ("postprocess", "nms_iou", "0.3", "postprocess.nms_iou: expected a number in (0, 1], got \"0.3\""),
     ("postprocess", "score_threshold", float("nan"), "postprocess.score_threshold: expected a finite number"),
     ("postprocess", "max_detections", True, "postprocess.max_detections: expected a whole number >= 1, got true"),
+    ("postprocess", "box_voting", 1.5, "postprocess.box_voting: expected a finite number in [0, 1], got 1.5"),
     ("proposals", "method", "ss-fastest", "proposals.method: unknown method 'ss-fastest'"),
 ])
 def test_hand_edited_checkpoint_options_are_one_line_naming_the_file_and_key(tmp_path, capsys, section, key,

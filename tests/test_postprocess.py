@@ -1,5 +1,7 @@
 """Post-processing: threshold, clipping, per-class NMS against a brute-force greedy NMS, top-k."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,34 @@ def test_empty_and_config_checks():
         with pytest.raises(ValueError):
             PostprocessConfig(**bad)
     assert PostprocessConfig.from_dict(PostprocessConfig().to_dict()) == PostprocessConfig()
+
+
+def test_box_voting_moves_each_kept_box_to_the_weighted_mean_of_its_class():
+    # 4 regions, 2 classes, per-class NMS at 0.5; by hand (IoUs of 10 x 10 boxes shifted by d: (10 - d) / (10 + d))
+    probs = torch.tensor([[0.4, 0.6, 0.0], [0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.1, 0.9, 0.0]])
+    boxes = torch.tensor([[[0, 0, 10, 10], [0, 0, 10, 10]],
+                          [[2, 0, 12, 10], [2, 0, 12, 10]],     # IoU with [0, 0, 10, 10]: 8 / 12 = 0.667
+                          [[6, 0, 16, 10], [0, 0, 10, 10]],     # class 1: IoU 0.25 with region 0, 0.43 with 1
+                          [[50, 50, 60, 60], [50, 50, 60, 60]]], dtype=torch.float32)
+    config = PostprocessConfig(score_threshold=0.05, nms_iou=0.5)
+    plain = postprocess(probs, boxes, (100, 100), config)
+    voted = postprocess(probs, boxes, (100, 100), replace(config, box_voting=0.5))
+    # kept: class 1 regions 3 (0.9), 0 (0.6), 2 (0.1; region 1 is suppressed by 0); class 2 region 2 (0.4;
+    # region 1's 0.1 suppressed). Voting moves boxes only: the same scores, labels and order
+    np.testing.assert_array_equal(voted.scores.numpy(), plain.scores.numpy())
+    np.testing.assert_allclose(plain.scores.numpy(), [0.9, 0.6, 0.4, 0.1])
+    assert voted.labels.tolist() == plain.labels.tolist() == [1, 1, 2, 1]
+    np.testing.assert_allclose(plain.boxes.numpy(), [[50, 50, 60, 60], [0, 0, 10, 10], [0, 0, 10, 10], [6, 0, 16, 10]])
+    expected = [[50, 50, 60, 60],  # alone
+                # region 0 and the suppressed region 1 (IoU 0.667) vote: (0.6 * [0, 0, 10, 10] + 0.3 * [2, 0, 12, 10]) / 0.9
+                [2 / 3, 0, 10 + 2 / 3, 10],
+                # class 2: (0.4 * [0, 0, 10, 10] + 0.1 * [2, 0, 12, 10]) / 0.5; class 1's boxes do not vote
+                [0.4, 0, 10.4, 10],
+                [6, 0, 16, 10]]  # region 2, class 1: no other box of its class at IoU >= 0.5
+    np.testing.assert_allclose(voted.boxes.numpy(), expected, atol=1e-5)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="box_voting"):
+            PostprocessConfig(box_voting=bad)
 
 
 def _detections(boxes, scores, labels, names):

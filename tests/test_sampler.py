@@ -9,7 +9,9 @@ import torch
 
 from detector.box_coder import BoxCoder
 from detector.training.sampler import (
+    FG_BALANCE,
     IGNORE,
+    LabelledRegions,
     SamplerConfig,
     flip_boxes,
     label_regions,
@@ -106,6 +108,30 @@ def test_sampling_is_deterministic_per_generator():
     b = sample_regions(regions, 64, 16, np.random.default_rng(5))
     c = sample_regions(regions, 64, 16, np.random.default_rng(6))
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def test_class_balance_gives_each_class_in_the_image_an_equal_share():
+    # one image: 6 regions of class 1 (a small object), 150 of class 2 (many objects), 30 of class 3 (a
+    # large one), 500 background; 15 foreground drawn per batch
+    labels = np.array([1] * 6 + [2] * 150 + [3] * 30 + [0] * 500)
+    n = len(labels)
+    regions = LabelledRegions(np.zeros((n, 4), np.float32), labels, np.zeros(n, np.float32),
+                              np.zeros((n, 4), np.float32))
+    rng = np.random.default_rng(0)
+    counts = {balance: np.zeros(4) for balance in FG_BALANCE}
+    for _ in range(400):
+        for balance in FG_BALANCE:
+            keep = sample_regions(regions, 64, 15, rng, balance)
+            assert len(set(keep.tolist())) == 64 and (labels[keep] > 0).sum() == 15  # the shares stay
+            counts[balance] += np.bincount(labels[keep], minlength=4)
+    uniform, balanced = counts["none"][1:] / 400, counts["class"][1:] / 400
+    # uniform: by the regions' counts (15 * 6 / 186 = 0.48 of class 1); balanced: each class 1/3 of the
+    # draw by weight (without replacement the 6 regions of class 1 cap it below 5: about 3.9 measured)
+    np.testing.assert_allclose(uniform, 15 * np.array([6, 150, 30]) / 186, rtol=0.1)
+    assert balanced[0] > 6 * uniform[0] and balanced[1] < 0.5 * uniform[1]
+    assert abs(balanced[1] - balanced[2]) < 1.0  # the two plentiful classes split the rest evenly
+    with pytest.raises(ValueError, match="fg_balance"):
+        SamplerConfig(fg_balance="object")
 
 
 def test_flip_mirrors_about_the_image_width():

@@ -144,6 +144,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="classify at most N >= 1 proposals per image (default: the checkpoint's)")
     g.add_argument("--threshold", type=probability,
                    help="keep detections with score in [T, 1], T in [0, 1] (default: the checkpoint's, 0.05 unless set)")
+    g.add_argument("--box-voting", type=probability, metavar="IOU",
+                   help="box voting after NMS at this IoU, 0 off (default: the checkpoint's, off unless set)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available; torchrun: this rank's GPU), cpu, cuda:N")
     add_precision_argument(g, "network precision (auto: bf16 where the hardware has it natively, else fp32; fp16: "
                               "a GPU only)")
@@ -310,7 +312,7 @@ def detect_dataset(args):
         dataset.image_root = args.images
     detector = load_detector(paths, device=device, precision=args.precision, batch_size=args.batch_size,
                              proposals=open_proposal_source(args.proposals), max_proposals=args.max_proposals,
-                             score_threshold=args.threshold, compile=args.compile)
+                             score_threshold=args.threshold, box_voting=args.box_voting, compile=args.compile)
     parts = claim_parts_folder(args.out / "parts", run_settings(paths, detector, dataset, config.chunk_size))
     if (args.out / "evaluation.json").exists():  # a rerun with the same settings; say what it replaces
         print(f"note: {args.out} holds an earlier run's evaluation; this run replaces evaluation.json, per_class.txt, "

@@ -1,7 +1,7 @@
 """Detect objects in images with the default model or a checkpoint.
 
     gdet-detect INPUT [INPUT ...] [--model PATH [--model PATH ...]] [--classes NAME[,NAME...]]
-                [--json OUT|-] [--out PATH] [--threshold T] [--agnostic-nms IOU] [--max-proposals N] [--proposals METHOD|STORE]
+                [--json OUT|-] [--out PATH] [--threshold T] [--box-voting IOU] [--agnostic-nms IOU] [--max-proposals N] [--proposals METHOD|STORE]
                 [--device auto|cpu|cuda] [--precision auto|fp32|bf16|fp16] [--threads N] [--workers N] [--compile]
     (python tools/detect.py ... in a checkout runs the same code)
 
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="draw the detections: an image file for one input, a folder for several")
     parser.add_argument("--threshold", type=probability, default=0.5,
                         help="report detections with score in [T, 1] (default 0.5; 0.05 for evaluation)")
+    parser.add_argument("--box-voting", type=probability, metavar="IOU",
+                        help="box voting after NMS at this IoU, 0 off (default: the checkpoint's)")
     parser.add_argument("--agnostic-nms", type=iou, metavar="IOU",
                         help="for pictures: after the per-class NMS, drop a detection overlapping a higher-scoring "
                              "one of any class with IoU in (IOU, 1], e.g. 0.5 (one label per object; after "
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     detector = load_detector(args.model or checkpoint.DEFAULT_MODEL, device=args.device,
                              precision=args.precision, proposals=open_proposal_source(args.proposals),
                              max_proposals=args.max_proposals, score_threshold=args.threshold,
-                             workers=args.workers, compile=args.compile)
+                             box_voting=args.box_voting, workers=args.workers, compile=args.compile)
     failures, kept = [], {}
     progress = tqdm(total=len(images), desc="detect", unit="image", file=sys.stderr, disable=len(images) < 2)
 

@@ -55,7 +55,7 @@ from detector.data import open_dataset
 from detector.training.bounded import IMAGE_CACHE_MB
 from detector.training.budget import parse_duration
 from detector.training.launch import launch, launched_by_torchrun, process_rank
-from detector.training.sampler import SamplerConfig
+from detector.training.sampler import FG_BALANCE, SamplerConfig
 from detector.training.schedule import ScheduleConfig
 
 
@@ -116,6 +116,9 @@ def build_parser() -> ToolParser:
     g.add_argument("--bg-iou-high", type=probability, default=0.5, help="(default: 0.5)")
     g.add_argument("--regression-iou", type=iou, default=0.6,
                    help="box regression on IoU in [value, 1] (default: 0.6)")
+    g.add_argument("--fg-balance", choices=FG_BALANCE, default="none",
+                   help="how an image's foreground regions are drawn: none (uniformly, R-CNN) or class (each class "
+                        "in the image an equal share) (default: none)")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     g.add_argument("--no-gt", action="store_true", help="do not add the ground-truth boxes as positives")
     g = p.add_argument_group("optimization")
@@ -134,6 +137,9 @@ def build_parser() -> ToolParser:
     g.add_argument("--score-threshold", type=probability, default=0.05)
     g.add_argument("--nms-iou", type=iou, default=0.3, help="per-class NMS: suppress IoU in (value, 1]")
     g.add_argument("--max-detections", type=positive_int, default=100)
+    g.add_argument("--box-voting", type=probability, default=0.0, metavar="IOU",
+                   help="move each kept box to the score-weighted mean of the same-class boxes overlapping it "
+                        "with IoU >= IOU (default: 0, off)")
     g = p.add_argument_group("time budget (each choice also set by its own option: an explicit option wins)")
     g.add_argument("--time-budget", type=duration, metavar="DURATION",
                    help="train within this time (90s, 30m, 1.5h; proposals not counted): crop size, iterations "
@@ -242,14 +248,14 @@ def build_config(args):
         sampler = SamplerConfig(regions_per_batch=args.regions_per_batch, images_per_batch=args.images_per_batch,
                                 fg_fraction=args.fg_fraction, fg_iou=args.fg_iou, bg_iou_low=args.bg_iou_low,
                                 bg_iou_high=args.bg_iou_high, regression_iou=args.regression_iou,
-                                add_gt=not args.no_gt, flip=not args.no_flip)
+                                add_gt=not args.no_gt, flip=not args.no_flip, fg_balance=args.fg_balance)
         engine = EngineConfig(out_dir=args.out, schedule=schedule, momentum=args.momentum,
                               weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
                               keep_snapshots=args.keep_snapshots, eval_every=args.eval_every,
                               log_every=args.log_every, precision=args.precision, grad_clip=args.grad_clip,
                               num_workers=args.workers, seed=args.seed, progress=not args.no_progress)
         post = PostprocessConfig(score_threshold=args.score_threshold, nms_iou=args.nms_iou,
-                                 max_detections=args.max_detections)
+                                 max_detections=args.max_detections, box_voting=args.box_voting)
         proposals = ProposalConfig(method=args.proposal_method, options=options, store=args.proposal_store,
                                    cache_dir=args.proposal_cache or f"{args.out}/proposals", workers=args.workers,
                                    max_proposals=args.max_proposals, eval_max_proposals=args.eval_max_proposals)

@@ -71,6 +71,7 @@ CONFIG_OPTIONS = {
     "postprocess.score_threshold": (probability, "--threshold"),
     "postprocess.nms_iou": (iou, "--nms-iou"),
     "postprocess.max_detections": (positive_int, "--max-detections"),
+    "postprocess.box_voting": (probability, "--box-voting"),
 }
 MULTIBOX_OPTIONS = {  # a MultiBox checkpoint (kind "multibox"): train_multibox.py's options
     "nms_iou": (iou, "--nms-iou"),

@@ -30,6 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SCORE_THRESHOLD = 0.05
 NMS_IOU = 0.3
 MAX_DETECTIONS = 100
+BOX_VOTING = 0.0  # box voting after NMS (detector.postprocess): off, as in R-CNN
 
 # The network's precision, in every tool (--precision): "auto" picks per task (detection: bf16 where the
 # hardware has it natively, else fp32; training: bf16 autocast on a GPU with bf16, else fp32); "fp16"

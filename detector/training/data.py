@@ -223,7 +223,7 @@ class RegionBatchSource:
             proposals, gt = flip_boxes(proposals, width), flip_boxes(gt, width)
         ignore = rec.iscrowd | rec.difficult
         regions = label_regions(proposals, gt, rec.gt_labels, self.sampler, ignore_gt=ignore)
-        keep = sample_regions(regions, num_regions, num_fg, rng)
+        keep = sample_regions(regions, num_regions, num_fg, rng, self.sampler.fg_balance)
         regions = regions.subset(keep)
         regress = regression_mask(regions, self.sampler)
         targets = np.zeros((len(regions), 4), np.float32)
