@@ -9,8 +9,8 @@ non-maximum suppression independently per class. Here, in order:
    box of the same class with IoU in ``(nms_iou, 1]`` (R-CNN used 0.3);
 4. the ``max_detections`` highest-scoring survivors across classes;
 5. optionally (``box_voting``, off by default: R-CNN has no such step), box voting (Gidaris and
-   Komodakis, "Object detection via a multi-region & semantic segmentation-aware CNN model", ICCV 2015,
-   section 5): each survivor's box becomes the score-weighted mean of the same-class candidates of step 2
+   Komodakis, "Object detection via a multi-region & semantic segmentation-aware CNN model", ICCV 2015):
+   each survivor's box becomes the score-weighted mean of the same-class candidates of step 2
    (itself included) that overlap it with IoU >= ``box_voting``. Scores, labels and order stay; only
    the boxes move, towards where the many overlapping regression outputs agree.
 
