@@ -102,10 +102,10 @@ def postprocess(class_probs: torch.Tensor, class_boxes: torch.Tensor, image_size
     has_area = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
     cand_boxes, cand_scores, cand_labels = cand_boxes[has_area], cand_scores[has_area], cls[has_area] + 1
     keep = batched_nms(cand_boxes, cand_scores, cand_labels, config.nms_iou)[:config.max_detections]
-    kept_boxes = cand_boxes[keep]
+    kept_boxes, kept_labels = cand_boxes[keep], cand_labels[keep]
     if config.box_voting > 0 and len(keep):
-        kept_boxes = vote_boxes(kept_boxes, cand_labels[keep], cand_boxes, cand_scores, cand_labels, config.box_voting)
-    return Kept(kept_boxes, cand_scores[keep], cand_labels[keep])
+        kept_boxes = vote_boxes(kept_boxes, kept_labels, cand_boxes, cand_scores, cand_labels, config.box_voting)
+    return Kept(kept_boxes, cand_scores[keep], kept_labels)
 
 
 def vote_boxes(boxes: torch.Tensor, labels: torch.Tensor, cand_boxes: torch.Tensor, cand_scores: torch.Tensor,
